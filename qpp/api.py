@@ -1,0 +1,75 @@
+"""The Python API: ``quantize`` a model on calibration data, ``run`` it over batches."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from qpp.data import check_batches
+from qpp.graph.capture import capture
+from qpp.graph.fold import fold_batch_norms
+from qpp.graph.placement import place_quantizers
+from qpp.report.progress import progress
+from qpp.sim.config import QuantConfig
+from qpp.sim.model import QuantizedModel
+
+Batch = Sequence[torch.Tensor]
+
+
+def prepare(model: torch.nn.Module, example: Batch, config: QuantConfig) -> QuantizedModel:
+    """Capture ``model``, fold batch norms and insert quantizers (not yet calibrated)."""
+    graph_module = capture(model, example)
+    if config.fold_batch_norm:
+        fold_batch_norms(graph_module)
+    return QuantizedModel(graph_module, place_quantizers(graph_module, config.policy), config)
+
+
+def quantize(
+    model: torch.nn.Module,
+    calibration_data: Sequence[Batch],
+    config: QuantConfig | None = None,
+    show_progress: bool = False,
+) -> QuantizedModel:
+    """A calibrated simulated-quantized copy of ``model`` (the original is left untouched)."""
+    config = config or QuantConfig()
+    batches = check_batches(calibration_data, "calibration")
+    batches = limit_samples(batches, config.calibration_samples)
+    quantized = prepare(model, batches[0], config)
+    with torch.no_grad(), quantized.calibration():
+        for batch in progress(batches, "calibrate", show_progress):
+            quantized(*batch)
+    return quantized
+
+
+def limit_samples(batches: list[Batch], samples: int | None) -> list[Batch]:
+    """The first ``samples`` samples of ``batches`` (all of them for ``None``)."""
+    if samples is None:
+        return batches
+    kept: list[Batch] = []
+    remaining = samples
+    for batch in batches:
+        if remaining <= 0:
+            break
+        kept.append(tuple(x[:remaining] for x in batch))
+        remaining -= int(batch[0].shape[0])
+    return kept
+
+
+def run(
+    model: Callable[..., torch.Tensor],
+    batches: Sequence[Batch],
+    label: str = "evaluate",
+    show_progress: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Run ``model`` over ``batches`` without gradients; outputs concatenated on dim 0."""
+    outputs: list[object] = []
+    with torch.no_grad():
+        for batch in progress(batches, label, show_progress):
+            outputs.append(model(*batch))
+    first = outputs[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(outputs)  # type: ignore[arg-type]
+    if isinstance(first, tuple | list):
+        return tuple(torch.cat([o[i] for o in outputs]) for i in range(len(first)))  # type: ignore[index]
+    raise TypeError(f"model returned {type(first).__name__}; qpp expects tensors or tuples of tensors")

@@ -1,0 +1,112 @@
+"""Batch-norm folding (white paper §2.3.1, eq. 9-10).
+
+``Ŵ_k = W_k γ_k / sqrt(σ²_k + ε)`` and ``b̂_k = β_k + (b_k - μ_k) γ_k / sqrt(σ²_k + ε)``: the
+batch norm that follows a conv or linear layer disappears into that layer's weight and bias, so
+no quantizer ever sits on the batch-norm output.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.fx import GraphModule, Node
+
+from qpp.graph.ops import OpKind, op_kind
+
+
+def fold_batch_norms(graph_module: GraphModule) -> list[str]:
+    """Fold every eval-mode batch norm whose input is a conv/linear used only by it.
+
+    Returns the names of the folded batch-norm nodes. Batch norms with any other producer stay
+    in the graph (computed in float).
+    """
+    folded: list[str] = []
+    for node in list(graph_module.graph.nodes):
+        if op_kind(node) is not OpKind.BATCH_NORM:
+            continue
+        producer = node.args[0]
+        if not isinstance(producer, Node) or len(producer.users) != 1:
+            continue
+        if op_kind(producer) not in (OpKind.CONV, OpKind.LINEAR):
+            continue
+        if producer.target in (torch.ops.aten.addmm.default, torch.addmm):
+            continue
+        if _fold_pair(graph_module, producer, node):
+            folded.append(node.name)
+    graph_module.graph.eliminate_dead_code()
+    graph_module.graph.lint()
+    graph_module.recompile()
+    return folded
+
+
+def _tensor_of(graph_module: GraphModule, node: object) -> torch.Tensor | None:
+    if isinstance(node, Node) and node.op == "get_attr":
+        return _get_attr(graph_module, str(node.target))
+    return None
+
+
+def _get_attr(root: torch.nn.Module, target: str) -> torch.Tensor:
+    value: object = root
+    for part in target.split("."):
+        value = getattr(value, part)
+    assert isinstance(value, torch.Tensor)
+    return value
+
+
+def _fold_pair(graph_module: GraphModule, layer: Node, batch_norm: Node) -> bool:
+    args = batch_norm.args
+    gamma, beta = _tensor_of(graph_module, args[1]), _tensor_of(graph_module, args[2])
+    mean, var = _tensor_of(graph_module, args[3]), _tensor_of(graph_module, args[4])
+    if mean is None or var is None:
+        return False
+    training = args[5] if batch_norm.target is torch.ops.aten.batch_norm.default else False
+    if training:
+        return False
+    eps = float(args[-2] if batch_norm.target is torch.ops.aten.batch_norm.default else args[-1])
+    weight_node = layer.args[1]
+    weight = _tensor_of(graph_module, weight_node)
+    if weight is None or len([u for u in weight_node.users]) != 1:  # type: ignore[union-attr]
+        return False
+    bias_node = layer.args[2] if len(layer.args) > 2 else None
+    bias = _tensor_of(graph_module, bias_node)
+    inv_std = torch.rsqrt(var.double() + eps)
+    gamma64 = gamma.double() if gamma is not None else torch.ones_like(inv_std)
+    beta64 = beta.double() if beta is not None else torch.zeros_like(inv_std)
+    factor = gamma64 * inv_std
+    shape = [-1] + [1] * (weight.ndim - 1)
+    folded_weight = (weight.double() * factor.reshape(shape)).to(weight.dtype)
+    old_bias = bias.double() if bias is not None else torch.zeros_like(factor)
+    folded_bias = (beta64 + (old_bias - mean.double()) * factor).to(weight.dtype)
+
+    weight_target = str(weight_node.target)  # type: ignore[union-attr]
+    with torch.no_grad():
+        _get_attr(graph_module, weight_target).copy_(folded_weight)
+    if bias is not None and len(bias_node.users) == 1:  # type: ignore[union-attr]
+        with torch.no_grad():
+            bias.copy_(folded_bias)
+    else:
+        owner_path, _, leaf = weight_target.rpartition(".")
+        owner = graph_module.get_submodule(owner_path) if owner_path else graph_module
+        bias_name = _free_attribute(owner, leaf.replace("weight", "bias") or "bias")
+        owner.register_parameter(bias_name, torch.nn.Parameter(folded_bias, requires_grad=False))
+        with graph_module.graph.inserting_before(layer):
+            new_bias = graph_module.graph.get_attr(f"{owner_path}.{bias_name}".lstrip("."))
+        layer.args = (*layer.args[:2], new_bias, *layer.args[3:])
+    replacement = layer
+    if batch_norm.target is torch.ops.aten._native_batch_norm_legit_no_training.default:
+        for user in list(batch_norm.users):
+            if user.target is operator.getitem and user.args[1] == 0:
+                user.replace_all_uses_with(replacement)
+                graph_module.graph.erase_node(user)
+    batch_norm.replace_all_uses_with(replacement)
+    graph_module.graph.erase_node(batch_norm)
+    return True
+
+
+def _free_attribute(owner: torch.nn.Module, name: str) -> str:
+    candidate, index = name, 0
+    while hasattr(owner, candidate) and getattr(owner, candidate) is not None:
+        index += 1
+        candidate = f"{name}_{index}"
+    return candidate

@@ -1,0 +1,273 @@
+"""Placement policies: where quantizers go. A policy only annotates; ``sim`` inserts.
+
+``runtime`` (the default) puts quantizers where an integer runtime such as ONNX Runtime computes
+(white paper §2.3):
+
+- the weights of conv, linear, matmul-with-a-parameter and embedding ops (per-channel axis =
+  output channels);
+- the activation inputs of those ops, on the edges into them, so float consumers of the same
+  tensor (a residual add, a layer norm) keep full precision;
+- the outputs of conv/linear/matmul, after a fused ReLU/ReLU6/clamp (no quantizer between a conv
+  and its activation: the kernel requantizes after it);
+- concat inputs that are all quantized share one quantizer, since the runtime needs one scale.
+
+``full`` quantizes every float activation (and the weights), for simulating accelerators that
+keep every tensor in integers.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx import GraphModule, Node
+
+from qpp.errors import ConfigError
+from qpp.graph.ops import COMPUTE_KINDS, OpKind, op_kind, operand_roles
+
+POLICIES = ("runtime", "full")
+
+
+@dataclass(frozen=True)
+class WeightSite:
+    """A weight quantizer on the ``get_attr`` node ``weight_node``, used by op ``consumer``."""
+
+    name: str
+    weight_node: str
+    consumer: str
+    axis: int
+
+
+@dataclass(frozen=True)
+class ActivationSite:
+    """An activation quantizer on the output of node ``value``.
+
+    ``consumers=None`` quantizes the value for all its users; otherwise only the edges into the
+    named users see the quantized tensor. Sites with the same ``name`` share one quantizer.
+    """
+
+    name: str
+    value: str
+    consumers: tuple[str, ...] | None
+    role: str
+
+
+@dataclass
+class Placement:
+    weights: list[WeightSite] = field(default_factory=list)
+    activations: list[ActivationSite] = field(default_factory=list)
+
+    @property
+    def names(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for site in [*self.weights, *self.activations]:
+            seen.setdefault(site.name)
+        return list(seen)
+
+
+def place_quantizers(graph_module: GraphModule, policy: str = "runtime") -> Placement:
+    """Annotate ``graph_module`` with quantizer sites according to ``policy``."""
+    if policy not in POLICIES:
+        raise ConfigError(f"unknown placement policy '{policy}'; use one of {', '.join(POLICIES)}")
+    namer = SiteNamer(graph_module)
+    placement = Placement(weights=_weight_sites(graph_module, namer))
+    if policy == "runtime":
+        placement.activations = _runtime_activation_sites(graph_module, namer)
+    else:
+        placement.activations = _full_activation_sites(graph_module, namer)
+    return placement
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_float_tensor(node: Node) -> bool:
+    value = node.meta.get("val", node.meta.get("tensor_meta"))
+    if value is None:
+        return node.op in ("placeholder", "call_function", "call_method", "call_module")
+    dtype = getattr(value, "dtype", None)
+    return dtype is not None and dtype.is_floating_point
+
+
+def _weight_arg(node: Node, kind: OpKind) -> tuple[Node, int] | None:
+    """The ``get_attr`` weight of a compute/embedding op and its output-channel axis."""
+    roles = operand_roles(node, kind)
+    if roles.weight is None or roles.weight >= len(node.args):
+        return None
+    weight = node.args[roles.weight]
+    if not isinstance(weight, Node) or weight.op != "get_attr":
+        return None
+    value = weight.meta.get("val")
+    ndim = value.ndim if value is not None else 2
+    assert roles.weight_axis is not None
+    return weight, roles.weight_axis % ndim
+
+
+def _compute_nodes(graph_module: GraphModule) -> list[tuple[Node, OpKind]]:
+    modules = dict(graph_module.named_modules())
+    found = []
+    for node in graph_module.graph.nodes:
+        kind = op_kind(node, modules)
+        if kind in COMPUTE_KINDS or kind is OpKind.EMBEDDING:
+            found.append((node, kind))
+    return found
+
+
+def _weight_sites(graph_module: GraphModule, namer: SiteNamer) -> list[WeightSite]:
+    sites = []
+    for node, kind in _compute_nodes(graph_module):
+        found = _weight_arg(node, kind)
+        if found is None:
+            continue
+        weight, axis = found
+        sites.append(WeightSite(str(weight.target), weight.name, node.name, axis))
+    return sites
+
+
+def _anchor(node: Node, modules: dict[str, torch.nn.Module]) -> Node:
+    """Walk back through value-preserving layout ops to the tensor they rearrange."""
+    while op_kind(node, modules) is OpKind.LAYOUT and node.args and isinstance(node.args[0], Node):
+        node = node.args[0]
+    return node
+
+
+def _fused_output(node: Node, modules: dict[str, torch.nn.Module]) -> Node:
+    """The node an integer kernel requantizes after: the op, or its sole fused activation."""
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if op_kind(user, modules) is not OpKind.FUSABLE_ACTIVATION:
+            break
+        node = user
+    return node
+
+
+def _first_hop(anchor: Node, consumer: Node, argument: Node) -> Node:
+    """The user of ``anchor`` on the layout chain that leads to ``consumer`` via ``argument``."""
+    hop = consumer
+    node = argument
+    while node is not anchor:
+        hop = node
+        node = node.args[0]  # type: ignore[assignment]
+    return hop
+
+
+def _runtime_activation_sites(graph_module: GraphModule, namer: SiteNamer) -> list[ActivationSite]:
+    modules = dict(graph_module.named_modules())
+    compute = _compute_nodes(graph_module)
+    quantized_values: dict[str, str] = {}  # node name -> site name, value-centric outputs
+    sites: list[ActivationSite] = []
+    for node, kind in compute:
+        if kind is OpKind.EMBEDDING:
+            continue
+        output = _fused_output(node, modules)
+        if _is_float_tensor(output) and output.name not in quantized_values:
+            name = namer.name(node, "output")
+            quantized_values[output.name] = name
+            sites.append(ActivationSite(name, output.name, None, "output"))
+
+    edges: dict[str, dict[str, None]] = defaultdict(dict)
+    edge_names: dict[str, str] = {}
+    concat_groups: list[tuple[Node, list[str]]] = []
+    for node, kind in compute:
+        roles = operand_roles(node, kind)
+        weight = _weight_arg(node, kind)
+        activation_args = [i for i in roles.activations
+                           if weight is None or i != operand_roles(node, kind).weight]
+        for position, index in enumerate(activation_args):
+            if index >= len(node.args) or not isinstance(node.args[index], Node):
+                continue
+            argument: Node = node.args[index]  # type: ignore[assignment]
+            if argument.op == "get_attr" or not _is_float_tensor(argument):
+                continue
+            anchor = _anchor(argument, modules)
+            if anchor.name in quantized_values:
+                continue
+            if op_kind(anchor, modules) is OpKind.CONCAT:
+                parts = [_anchor(p, modules) for p in anchor.args[0]]  # type: ignore[union-attr]
+                if all(p.name in quantized_values for p in parts):
+                    concat_groups.append((anchor, [quantized_values[p.name] for p in parts]))
+                    continue
+            suffix = "input" if len(activation_args) == 1 else f"input{position}"
+            edge_names.setdefault(anchor.name, namer.name(node, suffix))
+            edges[anchor.name][_first_hop(anchor, node, argument).name] = None
+    sites += [
+        ActivationSite(edge_names[value], value, tuple(users), "input")
+        for value, users in edges.items()
+    ]
+    return _tie_concat_inputs(sites, concat_groups, namer)
+
+
+def _tie_concat_inputs(
+    sites: list[ActivationSite], groups: list[tuple[Node, list[str]]], namer: SiteNamer
+) -> list[ActivationSite]:
+    """Give the quantized inputs of each concat one shared quantizer (one scale for the op)."""
+    rename: dict[str, str] = {}
+    for concat, names in groups:
+        shared = namer.name(concat, "output")
+        for name in names:
+            rename[rename.get(name, name)] = shared
+    return [
+        ActivationSite(rename.get(s.name, s.name), s.value, s.consumers, s.role) for s in sites
+    ]
+
+
+def _full_activation_sites(graph_module: GraphModule, namer: SiteNamer) -> list[ActivationSite]:
+    modules = dict(graph_module.named_modules())
+    sites = []
+    for node in graph_module.graph.nodes:
+        if node.op not in ("placeholder", "call_function", "call_method", "call_module"):
+            continue
+        if node.op == "call_function" and node.target.__name__ == "getitem" and not _is_float_tensor(node):
+            continue
+        if op_kind(node, modules) is OpKind.LAYOUT or not _is_float_tensor(node):
+            continue
+        if not isinstance(node.meta.get("val"), torch.Tensor):
+            continue
+        sites.append(ActivationSite(namer.name(node, "output"), node.name, None, "activation"))
+    return sites
+
+
+class SiteNamer:
+    """Readable, stable quantizer names from the module hierarchy.
+
+    A compute op that is the only one in its module is named after the module
+    (``encoder.layer.0.attention.self.query.output``); other ops add their node name
+    (``encoder.layer.0.attention.self.matmul_1.output``).
+    """
+
+    def __init__(self, graph_module: GraphModule) -> None:
+        self.scope_counts: dict[str, int] = defaultdict(int)
+        modules = dict(graph_module.named_modules())
+        for node in graph_module.graph.nodes:
+            if op_kind(node, modules) in (*COMPUTE_KINDS, OpKind.EMBEDDING):
+                self.scope_counts[self.scope(node)] += 1
+        self.used: set[str] = set()
+        self.assigned: dict[tuple[str, str], str] = {}
+
+    @staticmethod
+    def scope(node: Node) -> str:
+        stack = node.meta.get("nn_module_stack")
+        if not stack:
+            return ""
+        path = list(stack.values())[-1][0]
+        return str(path)
+
+    def name(self, node: Node, suffix: str) -> str:
+        key = (node.name, suffix)
+        if key in self.assigned:
+            return self.assigned[key]
+        scope = self.scope(node)
+        if scope and self.scope_counts.get(scope) == 1 and node.op != "placeholder":
+            base = f"{scope}.{suffix}"
+        elif scope:
+            base = f"{scope}.{node.name}.{suffix}"
+        else:
+            base = f"{node.name}.{suffix}"
+        name, index = base, 1
+        while name in self.used:
+            index += 1
+            name = f"{base}_{index}"
+        self.used.add(name)
+        self.assigned[key] = name
+        return name

@@ -1,0 +1,161 @@
+"""Uniform affine quantization: the one place where rounding and clamping happen.
+
+White paper (Nagel et al. 2021) §2.1-2.2:
+
+- eq. (3)-(4): ``x_int = clamp(round(x / s) + z; n, p)``, ``x̂ = s (x_int - z)``
+- eq. (7): symmetric quantization is the special case ``z = 0``; signed grids are
+  ``[-2^(b-1), 2^(b-1) - 1]``, unsigned ``[0, 2^b - 1]``.
+- §4 eq. (36): round-to-nearest gets a straight-through gradient, so clipping passes no
+  gradient to ``x`` and gives the LSQ gradients to ``s``.
+
+Per-channel quantization broadcasts a vector of scales along ``axis``. Rounding is round half
+to even, as torch.round and ONNX QuantizeLinear both do, so the simulation and ONNX Runtime agree
+bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MIN_BITS = 2
+MAX_BITS = 16
+#: Smallest scale we emit; a constant (all-zero) tensor gets this instead of 0.
+MIN_SCALE = 1e-8
+
+
+def integer_range(bits: int, signed: bool) -> tuple[int, int]:
+    """The integer grid ``(n, p)``: ``[-2^(b-1), 2^(b-1)-1]`` signed, ``[0, 2^b-1]`` unsigned."""
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"bits must be in [{MIN_BITS}, {MAX_BITS}], got {bits}")
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def broadcast_shape(values: torch.Tensor, ndim: int, axis: int | None) -> torch.Tensor:
+    """Reshape per-channel ``values`` so they broadcast along ``axis`` of an ``ndim`` tensor."""
+    if axis is None or values.ndim == 0:
+        return values
+    shape = [1] * ndim
+    shape[axis % ndim] = -1
+    return values.reshape(shape)
+
+
+def choose_qparams(
+    min_val: torch.Tensor,
+    max_val: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+    signed: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point whose grid covers ``[min_val, max_val]`` (white paper eq. 5-7).
+
+    The range is first widened to include 0, so real zero is exactly representable (zero padding
+    and ReLU add no error). Symmetric grids put ``z = 0`` and use ``s = max|x| / p`` (signed) or
+    ``s = max / p`` (unsigned). Asymmetric grids use ``s = (max - min) / (p - n)`` and
+    ``z = clamp(round(n - min / s); n, p)``. Works element-wise, so vectors give per-channel QPs.
+    """
+    qmin, qmax = integer_range(bits, signed)
+    min_val = torch.clamp(min_val.float(), max=0.0)
+    max_val = torch.clamp(max_val.float(), min=0.0)
+    if symmetric:
+        if signed:
+            scale = torch.maximum(-min_val, max_val) / qmax
+        else:
+            scale = max_val / qmax
+        scale = torch.clamp(scale, min=MIN_SCALE)
+        return scale, torch.zeros_like(scale)
+    scale = torch.clamp((max_val - min_val) / (qmax - qmin), min=MIN_SCALE)
+    zero_point = torch.clamp(torch.round(qmin - min_val / scale), qmin, qmax)
+    return scale, zero_point
+
+
+def grid_limits(
+    scale: torch.Tensor, zero_point: torch.Tensor, bits: int, signed: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real values of the grid's ends, ``q_min = s (n - z)``, ``q_max = s (p - z)``."""
+    qmin, qmax = integer_range(bits, signed)
+    return scale * (qmin - zero_point), scale * (qmax - zero_point)
+
+
+def quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    bits: int,
+    signed: bool,
+    axis: int | None = None,
+) -> torch.Tensor:
+    """``x_int = clamp(round(x / s) + z; n, p)`` (eq. 3), returned as an int32 tensor."""
+    qmin, qmax = integer_range(bits, signed)
+    scale = broadcast_shape(scale, x.ndim, axis)
+    zero_point = broadcast_shape(zero_point, x.ndim, axis)
+    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax).to(torch.int32)
+
+
+def dequantize(
+    x_int: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    axis: int | None = None,
+) -> torch.Tensor:
+    """``x̂ = s (x_int - z)`` (eq. 4)."""
+    scale = broadcast_shape(scale, x_int.ndim, axis)
+    zero_point = broadcast_shape(zero_point, x_int.ndim, axis)
+    return (x_int.float() - zero_point) * scale
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest (half to even) with the straight-through gradient of eq. (36)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    bits: int,
+    signed: bool,
+    axis: int | None = None,
+) -> torch.Tensor:
+    """Quantize-dequantize ``x`` in float: ``s (clamp(round(x / s) + z; n, p) - z)``.
+
+    Differentiable with the straight-through estimator: ``∂x̂/∂x = 1`` inside the grid and 0
+    outside; ``scale`` and ``zero_point`` get the LSQ gradients (white paper §4.1), so the same
+    function serves PTQ and QAT with learnable ranges.
+    """
+    qmin, qmax = integer_range(bits, signed)
+    scale = broadcast_shape(scale, x.ndim, axis)
+    zero_point = broadcast_shape(round_ste(zero_point), x.ndim, axis)
+    x_int = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
+    return (x_int - zero_point) * scale
+
+
+@dataclass(frozen=True)
+class IntegerTensor:
+    """The integer view of a quantized tensor: ``values`` on the grid plus its QPs."""
+
+    values: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    bits: int
+    signed: bool
+    axis: int | None = None
+
+    @classmethod
+    def from_float(
+        cls,
+        x: torch.Tensor,
+        scale: torch.Tensor,
+        zero_point: torch.Tensor,
+        bits: int,
+        signed: bool,
+        axis: int | None = None,
+    ) -> IntegerTensor:
+        values = quantize(x, scale, zero_point, bits, signed, axis)
+        return cls(values, scale, zero_point, bits, signed, axis)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.values, self.scale, self.zero_point, self.axis)

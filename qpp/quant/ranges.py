@@ -1,0 +1,418 @@
+"""Range estimators: from collected statistics to a quantization range ``(q_min, q_max)``.
+
+White paper §3.1 (range setting) and PWLQ §5. Each estimator is a pure function of statistics
+and the quantizer spec; observers (``observers.py``) collect the statistics. Every function
+works per channel: inputs carry a leading channel dimension and outputs are ``[C]`` tensors.
+
+- ``minmax``: the observed extremes.
+- ``percentile[:P]``: the P-th and (100-P)-th percentiles of the histogram (default 99.99).
+- ``mse[:P]``: the grid minimising the expected Lp error (default p = 2), white paper eq. (33),
+  computed exactly on the histogram under a uniform-within-bin density.
+- ``entropy``: the threshold minimising KL(P || Q) between the histogram and its quantized
+  version (the TensorRT / ONNX Runtime "Entropy" calibrator).
+- ``topk-median``: PWLQ §5, the batch-averaged median of the top-10 values.
+- ``cross-entropy``: for output logits, the grid minimising H(softmax(v), softmax(v̂)),
+  white paper §3.1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from qpp.errors import ConfigError
+from qpp.quant.affine import choose_qparams, fake_quantize, grid_limits, integer_range
+from qpp.quant.observers import (
+    HistogramObserver,
+    MinMaxObserver,
+    SampleObserver,
+    TopKObserver,
+    cumulative_at,
+)
+
+Range = tuple[torch.Tensor, torch.Tensor]
+
+#: Shrink factors searched by the grid estimators: 1 % to 100 % of the observed extreme.
+SEARCH_STEPS = 100
+
+
+@dataclass(frozen=True)
+class Grid:
+    """What an estimator needs to know about the quantizer's integer grid."""
+
+    bits: int
+    symmetric: bool
+    signed: bool
+
+    def qparams(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return choose_qparams(lo, hi, self.bits, self.symmetric, self.signed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Estimators on statistics
+
+
+def minmax_range(minmax: MinMaxObserver) -> Range:
+    assert minmax.min is not None and minmax.max is not None
+    return minmax.min, minmax.max
+
+
+def percentile_range(histogram: HistogramObserver, percentile: float = 99.99) -> Range:
+    """The ``(100 - P)``-th and ``P``-th percentiles, interpolated within histogram bins."""
+    assert histogram.counts is not None and histogram.lo is not None and histogram.hi is not None
+    counts, lo, hi = histogram.counts, histogram.lo, histogram.hi
+    edges = histogram.edges()
+    cumulative = torch.nn.functional.pad(torch.cumsum(counts, dim=1), (1, 0))
+    total = cumulative[:, -1:]
+
+    def at_fraction(fraction: float) -> torch.Tensor:
+        target = total * fraction
+        index = torch.searchsorted(cumulative.contiguous(), target.contiguous()).clamp(1, counts.shape[1])
+        c_lo = torch.gather(cumulative, 1, index - 1)
+        c_hi = torch.gather(cumulative, 1, index)
+        e_lo = torch.gather(edges, 1, index - 1)
+        e_hi = torch.gather(edges, 1, index)
+        t = torch.where(c_hi > c_lo, (target - c_lo) / (c_hi - c_lo), torch.zeros_like(target))
+        return (e_lo + t * (e_hi - e_lo))[:, 0]
+
+    upper = at_fraction(percentile / 100.0).float()
+    lower = at_fraction(1.0 - percentile / 100.0).float()
+    return torch.maximum(lower, lo), torch.minimum(upper, hi)
+
+
+def _error_primitive(
+    x: torch.Tensor, q_lo: torch.Tensor, q_hi: torch.Tensor, scale: torch.Tensor, p: float
+) -> torch.Tensor:
+    """A primitive in x of ``|x - Q(x)|^p`` for the grid with step ``scale`` on ``[q_lo, q_hi]``.
+
+    Inside the grid the error is periodic: in units of the step, with ``u = y - round(y)``,
+    the integral over ``[-1/2, y]`` is ``k c + (sign(u) |u|^(p+1) + (1/2)^(p+1)) / (p + 1)``
+    where ``k`` counts whole cells and ``c = 2 (1/2)^(p+1) / (p + 1)`` is one cell's integral.
+    Outside, the clipping error integrates to ``|x - q|^(p+1) / (p + 1)``. The pieces join
+    continuously, so differences of this function give exact per-bin errors.
+    """
+    half = 0.5 ** (p + 1)
+    cell = 2 * half / (p + 1)
+    y_inside = (torch.clamp(x, q_lo, q_hi) - q_lo) / scale
+    k = torch.floor(y_inside + 0.5)
+    u = y_inside - k
+    inside = (k * cell + (torch.sign(u) * _power(u.abs(), p + 1) + half) / (p + 1)) * _power(
+        scale, p + 1
+    )
+    below = _power(torch.clamp(q_lo - x, min=0), p + 1) / (p + 1)
+    above = _power(torch.clamp(x - q_hi, min=0), p + 1) / (p + 1)
+    return inside - below + above
+
+
+def histogram_lp_error(
+    histogram: HistogramObserver, lo: torch.Tensor, hi: torch.Tensor, grid: Grid, p: float = 2.0
+) -> torch.Tensor:
+    """Expected ``Σ |x - Q(x)|^p`` over the histogram for candidate ranges ``lo, hi`` ([K, C])."""
+    assert histogram.counts is not None
+    scale, zero_point = grid.qparams(lo, hi)
+    q_lo, q_hi = grid_limits(scale, zero_point, grid.bits, grid.signed)
+    edges = histogram.edges()[None]  # [1, C, B+1]
+    primitive = _error_primitive(
+        edges, q_lo.double()[..., None], q_hi.double()[..., None], scale.double()[..., None], p
+    )
+    width = (edges[..., 1:] - edges[..., :-1]).clamp(min=1e-30)
+    density = histogram.counts[None] / width
+    return (density * torch.diff(primitive, dim=-1)).sum(dim=-1)
+
+
+def _power(x: torch.Tensor, exponent: float) -> torch.Tensor:
+    """``x ** exponent`` for x >= 0, with a multiplication fast path for the cube (p = 2)."""
+    return x * x * x if exponent == 3.0 else x**exponent
+
+
+def _search_factors(coarse: int, fine: int, smallest: float) -> tuple[torch.Tensor, float]:
+    """A geometric grid of shrink factors from ``smallest`` to 1, and its step ratio."""
+    ratio = (1.0 / smallest) ** (1.0 / (coarse - 1))
+    return torch.logspace(torch.log10(torch.tensor(smallest)).item(), 0.0, coarse), ratio
+
+
+def grid_search_range(
+    error_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    symmetric: bool,
+    smallest: float = 0.005,
+) -> Range:
+    """Per-channel ``argmin error_fn`` over shrunken copies of ``[lo, hi]``, coarse to fine.
+
+    ``error_fn(candidate_lo, candidate_hi)`` takes ``[K, C]`` candidates and returns ``[K, C]``
+    errors. One-sided data and symmetric grids search one shrink factor (24 geometric steps
+    from ``smallest`` to 1, then 12 linear steps between the best one's neighbours); two-sided
+    asymmetric grids search both bounds (16 x 16, then 9 x 9). Channels are searched together.
+    """
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    two_sided = bool((lo < 0).any() and (hi > 0).any()) and not symmetric
+    coarse_steps, fine_steps = (16, 9) if two_sided else (24, 12)
+    factors, ratio = _search_factors(coarse_steps, fine_steps, smallest)
+    channels = lo.shape[0]
+
+    def evaluate(lo_factor: torch.Tensor, hi_factor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # factors are [K, C]
+        candidate_lo, candidate_hi = lo_factor * lo[None], hi_factor * hi[None]
+        errors = _chunked(error_fn, (candidate_lo, candidate_hi))
+        best = errors.argmin(dim=0, keepdim=True)
+        return torch.gather(lo_factor, 0, best)[0], torch.gather(hi_factor, 0, best)[0]
+
+    def around(best: torch.Tensor) -> torch.Tensor:
+        steps = torch.linspace(0.0, 1.0, fine_steps)[:, None]
+        low, high = best[None] / ratio, torch.clamp(best[None] * ratio, max=1.0)
+        return low + (high - low) * steps  # [fine, C]
+
+    if not two_sided:
+        coarse = factors[:, None].expand(-1, channels)
+        _, best = evaluate(coarse, coarse)
+        fine = around(best)
+        best_lo, best_hi = evaluate(fine, fine)
+        return best_lo * lo, best_hi * hi
+    lo_f, hi_f = torch.meshgrid(factors, factors, indexing="ij")
+    best_lo, best_hi = evaluate(
+        lo_f.reshape(-1, 1).expand(-1, channels), hi_f.reshape(-1, 1).expand(-1, channels)
+    )
+    fine_lo, fine_hi = around(best_lo), around(best_hi)
+    pairs_lo = fine_lo[:, None, :].expand(-1, fine_steps, -1).reshape(-1, channels)
+    pairs_hi = fine_hi[None, :, :].expand(fine_steps, -1, -1).reshape(-1, channels)
+    best_lo, best_hi = evaluate(pairs_lo, pairs_hi)
+    return best_lo * lo, best_hi * hi
+
+
+def mse_range(histogram: HistogramObserver, grid: Grid, p: float = 2.0) -> Range:
+    """``argmin_{q_min, q_max} E|V - V̂|^p`` by grid search (white paper §3.1, MSE range)."""
+    assert histogram.lo is not None and histogram.hi is not None
+    return grid_search_range(
+        lambda c_lo, c_hi: histogram_lp_error(histogram, c_lo, c_hi, grid, p),
+        histogram.lo,
+        histogram.hi,
+        grid.symmetric,
+    )
+
+
+def _chunked(
+    error_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], candidates: Range
+) -> torch.Tensor:
+    """Evaluate ``error_fn`` over candidate rows in chunks that keep temporaries small."""
+    lo, hi = candidates
+    chunk = max(1, 2**22 // (lo.shape[1] * 2049))
+    return torch.cat(
+        [error_fn(lo[i : i + chunk], hi[i : i + chunk]) for i in range(0, lo.shape[0], chunk)]
+    )
+
+
+def entropy_range(histogram: HistogramObserver, grid: Grid) -> Range:
+    """The threshold minimising KL(P || Q), as the TensorRT entropy calibrator.
+
+    One-sided data searches ``[0, t]`` with ``2^b`` levels; two-sided data folds the histogram
+    to ``|x|`` and searches ``[-t, t]`` with ``2^(b-1)`` levels per side.
+    """
+    assert histogram.counts is not None and histogram.lo is not None and histogram.hi is not None
+    if histogram.counts.shape[0] != 1:
+        raise ConfigError("the entropy estimator is per-tensor only; use mse for per-channel ranges")
+    lo, hi = histogram.lo, histogram.hi
+    one_sided = bool(lo[0] >= 0)
+    magnitude = hi if one_sided else torch.maximum(-lo, hi)
+    bins = histogram.bins
+    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)[None] * magnitude.double()[:, None]
+    counts = torch.diff(cumulative_at(histogram.counts, lo, hi, edges), dim=1)
+    if not one_sided:
+        negative = cumulative_at(histogram.counts, lo, hi, -edges)
+        counts = counts + (negative[:, :-1] - negative[:, 1:])
+    levels = 2**grid.bits if one_sided else 2 ** (grid.bits - 1)
+    threshold_bin = _kl_threshold_bin(counts[0], levels)
+    threshold = magnitude * threshold_bin / bins
+    if one_sided:
+        return torch.zeros_like(threshold), threshold.float()
+    return torch.maximum(lo, -threshold).float(), torch.minimum(hi, threshold).float()
+
+
+def _kl_threshold_bin(counts: torch.Tensor, levels: int) -> int:
+    """The bin count ``i`` whose clipped histogram has the least KL divergence when quantized."""
+    bins = counts.shape[0]
+    if bins <= levels:
+        return bins
+    stride = max(1, (bins - levels) // 128)
+    best_bin, best_kl = bins, float("inf")
+    for i in range(levels, bins + 1, stride):
+        reference = counts[:i].clone()
+        reference[-1] += counts[i:].sum()
+        group = torch.div(torch.arange(i) * levels, i, rounding_mode="floor")
+        group_sum = torch.zeros(levels, dtype=counts.dtype).index_add_(0, group, counts[:i])
+        nonzero = (counts[:i] > 0).double()
+        group_nonzero = torch.zeros(levels, dtype=counts.dtype).index_add_(0, group, nonzero)
+        expanded = torch.where(
+            nonzero > 0, group_sum[group] / group_nonzero[group].clamp(min=1), torch.zeros_like(nonzero)
+        )
+        p = reference / reference.sum().clamp(min=1e-30)
+        q = expanded / expanded.sum().clamp(min=1e-30)
+        mask = p > 0
+        kl = float((p[mask] * torch.log(p[mask] / q[mask].clamp(min=1e-12))).sum())
+        if kl < best_kl:
+            best_bin, best_kl = i, kl
+    return best_bin
+
+
+def topk_median_range(topk: TopKObserver) -> Range:
+    """PWLQ §5: the batch-averaged median of the k largest (and smallest) values."""
+    return topk.bottom, topk.top
+
+
+def cross_entropy_range(samples: SampleObserver, grid: Grid) -> Range:
+    """``argmin H(softmax(v), softmax(v̂))`` over shrunken ranges (white paper §3.1, logits)."""
+    logits = samples.samples()
+    reference = torch.softmax(logits, dim=-1)
+
+    def cross_entropy(c_lo: torch.Tensor, c_hi: torch.Tensor) -> torch.Tensor:
+        scale, zero_point = grid.qparams(c_lo, c_hi)  # [K, 1]
+        quantized = fake_quantize(
+            logits[None], scale[:, :, None], zero_point[:, :, None], grid.bits, grid.signed
+        )
+        log_q = torch.log_softmax(quantized, dim=-1)
+        return -(reference[None] * log_q).sum(dim=-1).mean(dim=-1, keepdim=True)
+
+    return grid_search_range(
+        cross_entropy, logits.amin()[None], logits.amax()[None], grid.symmetric
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight ranges: computed on the tensor itself, exactly, per channel.
+
+
+def weight_range(weight: torch.Tensor, axis: int | None, estimator: str, grid: Grid) -> Range:
+    """The range of a weight tensor per channel along ``axis`` (or per tensor)."""
+    name, argument = parse_estimator(estimator)
+    from qpp.quant.observers import channels_first
+
+    rows = channels_first(weight, axis)
+    lo, hi = rows.amin(dim=1), rows.amax(dim=1)
+    if name == "minmax":
+        return lo, hi
+    if name == "percentile":
+        q = (argument or 99.99) / 100.0
+        return torch.quantile(rows, 1 - q, dim=1), torch.quantile(rows, q, dim=1)
+    if name == "mse":
+        return _weight_mse_range(rows, lo, hi, grid, argument or 2.0)
+    raise ConfigError(
+        f"estimator '{estimator}' does not apply to weights; use minmax, mse or percentile"
+    )
+
+
+def _weight_mse_range(
+    rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, grid: Grid, p: float
+) -> Range:
+    """Exact per-channel Lp error of each candidate range on the weight values."""
+
+    def error(c_lo: torch.Tensor, c_hi: torch.Tensor) -> torch.Tensor:
+        scale, zero_point = grid.qparams(c_lo, c_hi)
+        return torch.stack([
+            _row_lp_error(rows, scale[k], zero_point[k], grid, p) for k in range(scale.shape[0])
+        ])
+
+    return grid_search_range(error, lo, hi, grid.symmetric)
+
+
+def _row_lp_error(
+    rows: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, grid: Grid, p: float
+) -> torch.Tensor:
+    qmin, qmax = integer_range(grid.bits, grid.signed)
+    scale, zero_point = scale[:, None], zero_point[:, None]
+    error = torch.round(rows / scale).add_(zero_point).clamp_(qmin, qmax).sub_(zero_point)
+    error.mul_(scale).sub_(rows).abs_()
+    return (error.square_() if p == 2.0 else error.pow_(p)).sum(dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+
+
+@dataclass(frozen=True)
+class EstimatorInfo:
+    """Which statistics an activation estimator needs, and how to compute its range."""
+
+    statistics: tuple[str, ...]
+    compute: Callable[[dict[str, object], Grid, float | None], Range]
+
+
+ESTIMATORS: dict[str, EstimatorInfo] = {
+    "minmax": EstimatorInfo(("minmax",), lambda s, g, a: minmax_range(s["minmax"])),  # type: ignore[arg-type]
+    "percentile": EstimatorInfo(
+        ("histogram",), lambda s, g, a: percentile_range(s["histogram"], a or 99.99)  # type: ignore[arg-type]
+    ),
+    "mse": EstimatorInfo(("histogram",), lambda s, g, a: mse_range(s["histogram"], g, a or 2.0)),  # type: ignore[arg-type]
+    "entropy": EstimatorInfo(("histogram",), lambda s, g, a: entropy_range(s["histogram"], g)),  # type: ignore[arg-type]
+    "topk-median": EstimatorInfo(("topk",), lambda s, g, a: topk_median_range(s["topk"])),  # type: ignore[arg-type]
+    "cross-entropy": EstimatorInfo(
+        ("samples",), lambda s, g, a: cross_entropy_range(s["samples"], g)  # type: ignore[arg-type]
+    ),
+}
+
+
+def parse_estimator(estimator: str) -> tuple[str, float | None]:
+    """``"percentile:99.9"`` -> ``("percentile", 99.9)``; ``"mse"`` -> ``("mse", None)``."""
+    name, _, argument = estimator.partition(":")
+    if name not in ESTIMATORS:
+        raise ConfigError(
+            f"unknown range estimator '{estimator}'; use one of {', '.join(ESTIMATORS)} "
+            "(percentile and mse take an optional argument, e.g. percentile:99.9, mse:2.4)"
+        )
+    if not argument:
+        return name, None
+    try:
+        value = float(argument)
+    except ValueError:
+        raise ConfigError(f"estimator argument '{argument}' in '{estimator}' is not a number") from None
+    if name not in ("percentile", "mse"):
+        raise ConfigError(f"estimator '{name}' takes no argument; write just '{name}'")
+    if name == "percentile" and not 50.0 < value <= 100.0:
+        raise ConfigError(f"percentile must be in (50, 100], got {value}")
+    if name == "mse" and not value > 0:
+        raise ConfigError(f"the Lp norm of mse must be positive, got {value}")
+    return name, value
+
+
+def check_estimator_name(estimator: str) -> None:
+    parse_estimator(estimator)
+
+
+def make_observers(estimator: str, axis: int | None) -> dict[str, object]:
+    """Fresh observers for the statistics ``estimator`` needs (plus min-max, always)."""
+    name, _ = parse_estimator(estimator)
+    factories: dict[str, Callable[[], object]] = {
+        "minmax": lambda: MinMaxObserver(axis),
+        "histogram": lambda: HistogramObserver(axis),
+        "topk": lambda: TopKObserver(axis),
+        "samples": lambda: SampleObserver(),
+    }
+    needed = {"minmax", *ESTIMATORS[name].statistics}
+    return {key: factories[key]() for key in sorted(needed)}
+
+
+def activation_range(
+    statistics: dict[str, object], estimator: str, grid: Grid
+) -> Range:
+    """The range ``estimator`` picks from collected ``statistics``."""
+    name, argument = parse_estimator(estimator)
+    return ESTIMATORS[name].compute(statistics, grid, argument)
+
+
+__all__ = [
+    "ESTIMATORS",
+    "Grid",
+    "activation_range",
+    "cross_entropy_range",
+    "entropy_range",
+    "histogram_lp_error",
+    "integer_range",
+    "make_observers",
+    "minmax_range",
+    "mse_range",
+    "parse_estimator",
+    "percentile_range",
+    "topk_median_range",
+    "weight_range",
+]

@@ -1,0 +1,139 @@
+"""The quantization config: a dataclass that round-trips through JSON."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from qpp.errors import ConfigError
+from qpp.graph.placement import POLICIES
+from qpp.quant.spec import QuantSpec
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """Per-quantizer changes; ``None`` keeps the default. Keys are names or glob patterns."""
+
+    bits: int | None = None
+    granularity: str | None = None
+    estimator: str | None = None
+    symmetric: bool | None = None
+    enabled: bool | None = None
+
+    def changes(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None and k != "enabled"}
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize: defaults for weights and activations, placement, per-layer overrides.
+
+    The defaults are the white paper's recommendation (§2.2, §3.5): symmetric per-channel
+    weights, asymmetric per-tensor activations, MSE ranges, batch norms folded.
+    """
+
+    weight_bits: int = 8
+    activation_bits: int = 8
+    weight_granularity: str = "per-channel"
+    activation_granularity: str = "per-tensor"
+    weight_estimator: str = "mse"
+    activation_estimator: str = "mse"
+    weight_symmetric: bool = True
+    activation_symmetric: bool = False
+    policy: str = "runtime"
+    fold_batch_norm: bool = True
+    calibration_samples: int | None = None
+    overrides: dict[str, LayerOverride] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ConfigError(
+                f"unknown placement policy '{self.policy}'; use one of {', '.join(POLICIES)}"
+            )
+        if self.calibration_samples is not None and self.calibration_samples < 1:
+            raise ConfigError("calibration_samples must be at least 1 (or null for all)")
+        self.weight_spec(None)
+        self.activation_spec()
+        for pattern, override in self.overrides.items():
+            if not isinstance(override, LayerOverride):
+                raise ConfigError(f"override for '{pattern}' must be a LayerOverride")
+            QuantSpec(**{**self.activation_spec().to_dict(), **override.changes()})
+
+    def weight_spec(self, axis: int | None) -> QuantSpec:
+        return QuantSpec(
+            bits=self.weight_bits,
+            symmetric=self.weight_symmetric,
+            granularity=self.weight_granularity,
+            axis=axis,
+            estimator=self.weight_estimator,
+        )
+
+    def activation_spec(self) -> QuantSpec:
+        return QuantSpec(
+            bits=self.activation_bits,
+            symmetric=self.activation_symmetric,
+            granularity=self.activation_granularity,
+            axis=1 if self.activation_granularity == "per-channel" else None,
+            estimator=self.activation_estimator,
+        )
+
+    def overrides_for(self, name: str) -> list[LayerOverride]:
+        """Overrides whose key equals or glob-matches ``name``, in the order given."""
+        return [o for key, o in self.overrides.items() if key == name or fnmatch.fnmatchcase(name, key)]
+
+    def check_override_names(self, names: list[str]) -> None:
+        """Every override key must match at least one quantizer name."""
+        for key in self.overrides:
+            if not any(key == n or fnmatch.fnmatchcase(n, key) for n in names):
+                close = [n for n in names if key.split(".")[-1] in n][:3]
+                hint = f" (similar: {', '.join(close)})" if close else ""
+                raise ConfigError(
+                    f"no quantizer is named '{key}'{hint}; list the names with "
+                    "`qpp quantize MODEL --list-quantizers` or use a glob such as '*.query.*'"
+                )
+
+    # --- JSON -----------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["overrides"] = {k: {kk: vv for kk, vv in asdict(v).items() if vv is not None}
+                             for k, v in self.overrides.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {sorted(unknown)}; allowed: {sorted(known)}")
+        data = dict(data)
+        overrides = {}
+        for key, value in (data.pop("overrides", None) or {}).items():
+            allowed = {f.name for f in fields(LayerOverride)}
+            if not isinstance(value, dict) or set(value) - allowed:
+                raise ConfigError(
+                    f"override '{key}' must be an object with keys from {sorted(allowed)}"
+                )
+            overrides[key] = LayerOverride(**value)
+        return cls(**data, overrides=overrides)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> QuantConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"config is not valid JSON ({error})") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> QuantConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass a JSON file written by qpp")
+        return cls.from_json(path.read_text())

@@ -1,0 +1,147 @@
+"""The quantizer module that the simulation inserts into a captured graph."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+
+from qpp.errors import EncodingsError
+from qpp.quant.affine import choose_qparams, fake_quantize, integer_range
+from qpp.quant.ranges import Grid, activation_range, make_observers, weight_range
+from qpp.quant.spec import QuantSpec
+
+
+class QuantizerKind(str, Enum):
+    WEIGHT = "weight"
+    ACTIVATION = "activation"
+
+
+class Mode(str, Enum):
+    #: Pass the input through unchanged.
+    OFF = "off"
+    #: Pass the input through and collect statistics for the range estimator.
+    OBSERVE = "observe"
+    #: Fake-quantize with the current scale and zero point.
+    QUANTIZE = "quantize"
+
+
+class Quantizer(torch.nn.Module):
+    """Fake-quantizes one tensor (a weight, or an activation edge) on a uniform affine grid.
+
+    The encoding (``scale``, ``zero_point``) is a pair of buffers, per tensor (shape ``[]``) or
+    per channel along ``spec.axis`` (shape ``[C]``). In ``OBSERVE`` mode the module records the
+    statistics its estimator needs and returns its input; ``compute_encoding`` then sets the QPs.
+    """
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+
+    def __init__(self, name: str, kind: QuantizerKind, spec: QuantSpec) -> None:
+        super().__init__()
+        self.name = name
+        self.kind = kind
+        self.spec = spec
+        self.mode = Mode.OFF
+        self.enabled = True
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("zero_point", torch.zeros(()))
+        self.calibrated = False
+        self._statistics: dict[str, object] = {}
+        self._cached: tuple[int, int, torch.Tensor] | None = None
+
+    # --- configuration ------------------------------------------------------------------------
+
+    @property
+    def axis(self) -> int | None:
+        return self.spec.axis if self.spec.per_channel else None
+
+    @property
+    def grid(self) -> Grid:
+        return Grid(self.spec.bits, self.spec.symmetric, self.spec.is_signed)
+
+    @property
+    def integer_range(self) -> tuple[int, int]:
+        return integer_range(self.spec.bits, self.spec.is_signed)
+
+    def set_spec(self, spec: QuantSpec) -> None:
+        """Change bits, granularity or estimator; the encoding must be computed again."""
+        self.spec = spec
+        self.calibrated = False
+        self._cached = None
+
+    # --- calibration --------------------------------------------------------------------------
+
+    def start_observing(self) -> None:
+        self._statistics = make_observers(self.spec.estimator, self.axis)
+        self.mode = Mode.OBSERVE
+
+    def observe(self, x: torch.Tensor) -> None:
+        for observer in self._statistics.values():
+            observer.update(x)  # type: ignore[attr-defined]
+
+    @property
+    def has_statistics(self) -> bool:
+        return bool(self._statistics) and not next(iter(self._statistics.values())).empty  # type: ignore[attr-defined]
+
+    def compute_encoding(self) -> None:
+        """Set scale and zero point from the observed statistics with the spec's estimator."""
+        lo, hi = activation_range(self._statistics, self.spec.estimator, self.grid)
+        self.set_range(lo, hi)
+        self._statistics = {}
+
+    def compute_weight_encoding(self, weight: torch.Tensor) -> None:
+        """Set scale and zero point from the weight tensor itself (no data needed)."""
+        lo, hi = weight_range(weight.detach(), self.axis, self.spec.estimator, self.grid)
+        self.set_range(lo, hi)
+
+    def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Set the QPs whose grid covers ``[lo, hi]`` (per channel if vectors are given)."""
+        if self.axis is None:
+            lo, hi = lo.reshape(()), hi.reshape(())
+        scale, zero_point = choose_qparams(lo, hi, self.spec.bits, self.spec.symmetric,
+                                           self.spec.is_signed)
+        self.set_encoding(scale, zero_point)
+
+    def set_encoding(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        qmin, qmax = self.integer_range
+        if not bool(torch.all(scale > 0)):
+            raise EncodingsError(f"quantizer '{self.name}': scales must be positive")
+        if not bool(torch.all((zero_point >= qmin) & (zero_point <= qmax))):
+            raise EncodingsError(
+                f"quantizer '{self.name}': zero points must lie in [{qmin}, {qmax}] for "
+                f"{self.spec.bits}-bit {'signed' if self.spec.is_signed else 'unsigned'}"
+            )
+        self.scale = scale.detach().float().clone()
+        self.zero_point = zero_point.detach().float().clone()
+        self.calibrated = True
+        self.mode = Mode.QUANTIZE
+        self._cached = None
+
+    # --- forward ------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled or self.mode is Mode.OFF:
+            return x
+        if self.mode is Mode.OBSERVE:
+            self.observe(x)
+            return x
+        if self.kind is QuantizerKind.WEIGHT and not torch.is_grad_enabled():
+            return self._cached_weight(x)
+        return fake_quantize(
+            x, self.scale, self.zero_point, self.spec.bits, self.spec.is_signed, self.axis
+        )
+
+    def _cached_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """Weights change rarely: reuse their fake-quantized copy until the tensor changes."""
+        key = (weight.data_ptr(), weight._version)
+        if self._cached is None or self._cached[:2] != key:
+            quantized = fake_quantize(
+                weight, self.scale, self.zero_point, self.spec.bits, self.spec.is_signed, self.axis
+            )
+            self._cached = (*key, quantized)
+        return self._cached[2]
+
+    def extra_repr(self) -> str:
+        state = "on" if self.enabled else "off"
+        return f"{self.name!r}, {self.kind.value}, {self.spec}, {state}"
