@@ -36,10 +36,15 @@ def quantize(
     batches = check_batches(calibration_data, "calibration")
     batches = limit_samples(batches, config.calibration_samples)
     quantized = prepare(model, batches[0], config)
-    with torch.no_grad(), quantized.calibration():
-        for batch in progress(batches, "calibrate", show_progress):
-            quantized(*batch)
+    calibrate(quantized, batches, show_progress)
     return quantized
+
+
+def calibrate(model: QuantizedModel, batches: Sequence[Batch], show_progress: bool = False) -> None:
+    """Compute every quantizer's encoding from ``batches`` (weights first, then activations)."""
+    with torch.no_grad(), model.calibration():
+        for batch in progress(batches, "calibrate", show_progress):
+            model(*batch)
 
 
 def limit_samples(batches: list[Batch], samples: int | None) -> list[Batch]:
@@ -72,4 +77,6 @@ def run(
         return torch.cat(outputs)  # type: ignore[arg-type]
     if isinstance(first, tuple | list):
         return tuple(torch.cat([o[i] for o in outputs]) for i in range(len(first)))  # type: ignore[index]
-    raise TypeError(f"model returned {type(first).__name__}; qpp expects tensors or tuples of tensors")
+    raise TypeError(
+        f"model returned {type(first).__name__}; qpp expects tensors or tuples of tensors"
+    )

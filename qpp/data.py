@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
-import numpy as np
 import torch
 
 from qpp.errors import DataError
@@ -13,7 +11,9 @@ from qpp.errors import DataError
 Batch = tuple[torch.Tensor, ...]
 
 
-def check_batches(batches: Sequence[Sequence[torch.Tensor]] | torch.Tensor, what: str) -> list[Batch]:
+def check_batches(
+    batches: Sequence[Sequence[torch.Tensor]] | torch.Tensor, what: str
+) -> list[Batch]:
     """``batches`` as a list of tuples of tensors, refusing empty data and NaN/Inf values."""
     if isinstance(batches, torch.Tensor):
         batches = [(batches,)]
@@ -22,12 +22,16 @@ def check_batches(batches: Sequence[Sequence[torch.Tensor]] | torch.Tensor, what
         batch = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
         for position, x in enumerate(batch):
             if not isinstance(x, torch.Tensor):
-                raise DataError(f"{what} batch {index} input {position} is a {type(x).__name__}, "
-                                "not a torch.Tensor")
+                raise DataError(
+                    f"{what} batch {index} input {position} is a {type(x).__name__}, "
+                    "not a torch.Tensor"
+                )
             if x.is_floating_point() and not bool(torch.isfinite(x).all()):
                 bad = int((~torch.isfinite(x)).sum())
-                raise DataError(f"{what} data batch {index} input {position} holds {bad} NaN/Inf "
-                                "values; clean or drop those samples before quantizing")
+                raise DataError(
+                    f"{what} data batch {index} input {position} holds {bad} NaN/Inf "
+                    "values; clean or drop those samples before quantizing"
+                )
         if batch and int(batch[0].shape[0]) > 0:
             checked.append(batch)
     if not checked:

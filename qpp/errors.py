@@ -22,7 +22,7 @@ class CaptureError(QppError):
 
 
 class DataError(QppError):
-    """Calibration or evaluation data with a missing key, wrong shape/dtype, NaN/Inf or no samples."""
+    """Data with a missing key, the wrong shape or dtype, NaN/Inf values, or no samples."""
 
 
 class ConfigError(QppError):

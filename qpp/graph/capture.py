@@ -37,12 +37,12 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> G
     inputs = tuple(example_inputs)
     try:
         return _export(model, inputs)
-    except Exception as export_error:  # noqa: BLE001 - any failure means "try the fallback"
+    except Exception as export_error:
         log.info("torch.export failed (%s); trying torch.fx", _first_line(export_error))
         try:
             graph_module = torch.fx.symbolic_trace(model)
             return normalize_modules(graph_module)
-        except Exception as fx_error:  # noqa: BLE001
+        except Exception as fx_error:
             raise CaptureError(
                 f"cannot capture the model: torch.export failed {_where(export_error)}"
                 f"({_first_line(export_error)}) and torch.fx failed {_where(fx_error)}"
@@ -60,7 +60,7 @@ def _export(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> GraphMo
                 program = torch.export.export(
                     model, inputs, dynamic_shapes=batch_dynamic, strict=False
                 )
-            except Exception:  # noqa: BLE001 - a model with a fixed batch size
+            except Exception:
                 program = torch.export.export(model, inputs, strict=False)
     graph_module = program.module()
     _drop_guard_calls(graph_module)
@@ -83,8 +83,13 @@ def _first_line(error: BaseException) -> str:
 def _where(error: BaseException) -> str:
     """``at file.py:12 `code` `` for the innermost frame outside torch, if there is one."""
     frames = traceback.extract_tb(error.__traceback__)
-    outside = [f for f in frames if "site-packages" not in f.filename and "/torch/" not in f.filename
-               and "/qpp/graph/" not in f.filename]
+    outside = [
+        f
+        for f in frames
+        if "site-packages" not in f.filename
+        and "/torch/" not in f.filename
+        and "/qpp/graph/" not in f.filename
+    ]
     if not outside:
         return ""
     frame = outside[-1]
@@ -123,7 +128,9 @@ def _functional_call(graph: torch.fx.Graph, node: Node, module: torch.nn.Module)
     x = node.args[0]
 
     def attr(name: str) -> Node | None:
-        return graph.get_attr(f"{prefix}.{name}") if getattr(module, name, None) is not None else None
+        return (
+            graph.get_attr(f"{prefix}.{name}") if getattr(module, name, None) is not None else None
+        )
 
     if isinstance(module, torch.nn.Conv1d | torch.nn.Conv2d | torch.nn.Conv3d):
         if module.padding_mode != "zeros" or isinstance(module.padding, str):
@@ -131,16 +138,32 @@ def _functional_call(graph: torch.fx.Graph, node: Node, module: torch.nn.Module)
         op = {1: aten.conv1d, 2: aten.conv2d, 3: aten.conv3d}[len(module.kernel_size)].default
         return graph.call_function(
             op,
-            (x, attr("weight"), attr("bias"), list(module.stride), list(module.padding),
-             list(module.dilation), module.groups),
+            (
+                x,
+                attr("weight"),
+                attr("bias"),
+                list(module.stride),
+                list(module.padding),
+                list(module.dilation),
+                module.groups,
+            ),
         )
     if isinstance(module, torch.nn.Linear):
         return graph.call_function(aten.linear.default, (x, attr("weight"), attr("bias")))
     if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
         return graph.call_function(
             aten.batch_norm.default,
-            (x, attr("weight"), attr("bias"), attr("running_mean"), attr("running_var"), False,
-             0.0, module.eps, False),
+            (
+                x,
+                attr("weight"),
+                attr("bias"),
+                attr("running_mean"),
+                attr("running_var"),
+                False,
+                0.0,
+                module.eps,
+                False,
+            ),
         )
     if isinstance(module, torch.nn.Embedding) and module.max_norm is None:
         return graph.call_function(aten.embedding.default, (attr("weight"), x))

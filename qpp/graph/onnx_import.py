@@ -1,4 +1,4 @@
-"""Load an ONNX file as a torch module (an onnx2torch ``GraphModule``) that torch.export can capture.
+"""Load an ONNX file as a torch module (onnx2torch ``GraphModule``) that torch.export can capture.
 
 onnx2torch converts node by node, so the graph is prepared first:
 
@@ -35,6 +35,7 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 from onnx2torch import convert
 from onnx2torch.node_converters import registry
+from onnx2torch.node_converters.resize import OnnxResize, _onnx_mode_to_torch_mode
 from onnx2torch.onnx_graph import OnnxGraph
 from onnx2torch.onnx_node import OnnxNode
 from onnx2torch.utils.common import OnnxMapping, OperationConverterResult
@@ -47,6 +48,17 @@ logger = logging.getLogger(__name__)
 
 #: Batch sizes the shape computations are evaluated at (not 1: it broadcasts like no other).
 PROBE_BATCH_SIZES = (2, 3)
+
+_RANDOM_OPS = frozenset(
+    {
+        "Bernoulli",
+        "Multinomial",
+        "RandomNormal",
+        "RandomNormalLike",
+        "RandomUniform",
+        "RandomUniformLike",
+    }
+)
 
 _Converter = Callable[[OnnxNode, OnnxGraph], OperationConverterResult]
 
@@ -63,11 +75,10 @@ def load_onnx(
     operators onnx2torch cannot convert.
     """
     model = _read_checked(Path(path))
-    _check_converters_exist(model)
     if input_shapes is not None:
         _fix_input_shapes(model, input_shapes)
-    model = _lift_constants(model)
-    model = fold_shape_computations(model)
+    model = fold_shape_computations(_lift_constants(model))
+    _check_converters_exist(model)
     with _export_friendly_converters():
         try:
             module = convert(model)
@@ -123,7 +134,10 @@ def _check_converters_exist(model: onnx.ModelProto) -> None:
         opset = versions.get(domain, 1)
         qualified = f"{domain}::{op_type}" if domain else op_type
         if known:
-            fix = f"re-export with opset {' or '.join(map(str, known))} or replace {qualified}"
+            fix = (
+                f"re-export with opset {known[-1]} (onnx2torch converts {qualified} as defined "
+                f"in opsets {', '.join(map(str, known))}) or replace {qualified}"
+            )
         else:
             fix = f"replace {qualified} with supported ops before loading"
         shown = ", ".join(repr(name) for name in node_names[:3])
@@ -142,6 +156,12 @@ def _fix_input_shapes(model: onnx.ModelProto, input_shapes: Sequence[Sequence[in
         )
     for value, shape in zip(inputs, input_shapes, strict=True):
         dims = value.type.tensor_type.shape.dim
+        if not value.type.tensor_type.HasField("shape"):  # rank unknown: take the given one
+            value.type.tensor_type.shape.dim.add(dim_param="batch")
+            value.type.tensor_type.shape.dim.extend(
+                onnx.TensorShapeProto.Dimension(dim_value=int(size)) for size in shape[1:]
+            )
+            continue
         if len(dims) != len(shape):
             raise ModelLoadError(
                 f"input {value.name!r} has rank {len(dims)} but input_shapes gives "
@@ -178,7 +198,8 @@ def fold_shape_computations(model: onnx.ModelProto) -> onnx.ModelProto:
     foldable = set(initializers)
     for node in graph.node:
         inputs = [name for name in node.input if name]
-        if node.op_type in ("Shape", "Size") or (inputs and foldable.issuperset(inputs)):
+        computable = inputs and foldable.issuperset(inputs) and _is_pure(node)
+        if node.op_type in ("Shape", "Size") or computable:
             foldable.update(node.output)
 
     uses: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
@@ -206,6 +227,15 @@ def fold_shape_computations(model: onnx.ModelProto) -> onnx.ModelProto:
             replaced += 1
     _remove_dead_nodes(graph)
     return model
+
+
+def _is_pure(node: onnx.NodeProto) -> bool:
+    """False for random ops and control flow, which folding must leave alone."""
+    has_subgraph = any(
+        attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+        for attribute in node.attribute
+    )
+    return not has_subgraph and node.op_type not in _RANDOM_OPS
 
 
 def _probe(
@@ -254,7 +284,10 @@ def _probe(
             for value, shape in zip(inputs, shapes, strict=True):
                 dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
                 full_shape = [batch, *shape[1:]] if shape else []
-                feeds[value.name] = rng.standard_normal(full_shape).astype(dtype)
+                if np.issubdtype(dtype, np.floating):
+                    feeds[value.name] = rng.standard_normal(full_shape).astype(dtype)
+                else:  # token ids, masks: ones are valid everywhere
+                    feeds[value.name] = np.ones(full_shape, dtype=dtype)
             probes.append(dict(zip(wanted, session.run(wanted, feeds), strict=True)))
     except Exception as error:  # onnxruntime raises its own unexported error types
         logger.warning("could not evaluate shape computations (%s); left unfolded", error)
@@ -401,8 +434,10 @@ def _convert_slice(
 ) -> OperationConverterResult:
     names = [*node.input_values[1:], "", ""][:4]
     starts, ends, axes, steps = (_constant(graph, name) for name in names)
-    if starts is None or ends is None or any(
-        name and value is None for name, value in zip(names[2:], (axes, steps), strict=True)
+    if (
+        starts is None
+        or ends is None
+        or any(name and value is None for name, value in zip(names[2:], (axes, steps), strict=True))
     ):
         return original(node, graph)
     axes = np.arange(len(starts)) if axes is None else axes
@@ -416,24 +451,23 @@ def _convert_resize(
     original: _Converter, node: OnnxNode, graph: OnnxGraph
 ) -> OperationConverterResult:
     result = original(node, graph)
+    module = result.torch_module
+    if not isinstance(module, OnnxResize):  # Resize-10 takes (X, scales) and is left as is
+        return result
     names = [*node.input_values[1:], "", ""][:3]
     roi, scales, sizes = (_constant(graph, name) for name in names)
-    module = result.torch_module
-    if not hasattr(module, "onnx_mode") or (roi is not None and roi.size and not module.ignore_roi):
+    if roi is not None and roi.size and not module.ignore_roi:
         return result
     scale_factor = size = None
     if sizes is not None and sizes.size:
         size = tuple(int(s) for s in sizes[2:])
-        spatial_rank = len(size)
     elif scales is not None and scales.size and np.all(scales[:2] == 1):
         scale_factor = tuple(float(s) for s in scales[2:])
-        spatial_rank = len(scale_factor)
     else:
         return result
-    mode = {"nearest": "nearest", "cubic": "bicubic"}.get(module.onnx_mode)
-    if module.onnx_mode == "linear":
-        mode = {1: "linear", 2: "bilinear", 3: "trilinear"}.get(spatial_rank)
-    if mode is None:
+    try:
+        mode = _onnx_mode_to_torch_mode(module.onnx_mode, len(size or scale_factor))
+    except NotImplementedError:
         return result
     return _single_input(node, ConstantResize(mode, module.align_corners, scale_factor, size))
 
@@ -475,9 +509,11 @@ class _NodeConversionError(Exception):
 def _naming_failures(converter: _Converter, node: OnnxNode, graph: OnnxGraph):
     try:
         return converter(node, graph)
-    except NotImplementedError as error:
+    except (NotImplementedError, KeyError) as error:
+        # KeyError: the converter wanted a constant input (a weight, a shape) it did not find.
+        reason = str(error) if isinstance(error, NotImplementedError) else f"no constant {error}"
         raise _NodeConversionError(
-            f"onnx2torch cannot convert op {node.operation_type} (node {node.name!r}): {error}; "
+            f"onnx2torch cannot convert op {node.operation_type} (node {node.name!r}): {reason}; "
             f"replace {node.operation_type} or re-export the model so this node avoids it"
         ) from error
 
@@ -487,7 +523,8 @@ def _export_friendly_converters() -> Iterator[None]:
     """Swap in the converters above, and name the node in conversion failures, for a while.
 
     onnx2torch keeps converters in a module-level registry without a public override hook;
-    the registry is restored on exit so other users of onnx2torch see its own converters.
+    the registry is restored on exit so other users of onnx2torch see its own converters
+    (not thread-safe: do not convert from two threads at once).
     """
     saved = dict(registry._CONVERTER_REGISTRY)
     for description, converter in saved.items():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,7 @@ from torch.fx import Node
 aten = torch.ops.aten
 
 
-class OpKind(str, Enum):
+class OpKind(StrEnum):
     CONV = "conv"
     CONV_TRANSPOSE = "conv_transpose"
     LINEAR = "linear"
@@ -77,16 +77,48 @@ _register(OpKind.CONCAT, [aten.cat, aten.concat], [torch.cat, torch.concat])
 _register(
     OpKind.LAYOUT,
     [
-        aten.view, aten.reshape, aten._unsafe_view, aten.permute, aten.transpose, aten.t,
-        aten.flatten, aten.unsqueeze, aten.squeeze, aten.contiguous, aten.expand, aten.clone,
-        aten.max_pool1d, aten.max_pool2d, aten.max_pool3d, aten.alias, aten.detach,
-        aten.unflatten, aten.pad, aten.constant_pad_nd,
+        aten.view,
+        aten.reshape,
+        aten._unsafe_view,
+        aten.permute,
+        aten.transpose,
+        aten.t,
+        aten.flatten,
+        aten.unsqueeze,
+        aten.squeeze,
+        aten.contiguous,
+        aten.expand,
+        aten.clone,
+        aten.max_pool1d,
+        aten.max_pool2d,
+        aten.max_pool3d,
+        aten.alias,
+        aten.detach,
+        aten.unflatten,
+        aten.pad,
+        aten.constant_pad_nd,
     ],
     [
-        torch.reshape, torch.flatten, torch.permute, torch.transpose, torch.squeeze,
-        torch.unsqueeze, torch.t, F.max_pool1d, F.max_pool2d, F.max_pool3d,
-        "view", "reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze",
-        "contiguous", "expand", "t",
+        torch.reshape,
+        torch.flatten,
+        torch.permute,
+        torch.transpose,
+        torch.squeeze,
+        torch.unsqueeze,
+        torch.t,
+        F.max_pool1d,
+        F.max_pool2d,
+        F.max_pool3d,
+        "view",
+        "reshape",
+        "permute",
+        "transpose",
+        "flatten",
+        "unsqueeze",
+        "squeeze",
+        "contiguous",
+        "expand",
+        "t",
     ],
 )
 

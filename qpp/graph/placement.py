@@ -7,8 +7,11 @@
   output channels);
 - the activation inputs of those ops, on the edges into them, so float consumers of the same
   tensor (a residual add, a layer norm) keep full precision;
-- the outputs of conv/linear/matmul, after a fused ReLU/ReLU6/clamp (no quantizer between a conv
-  and its activation: the kernel requantizes after it);
+- the outputs of convs, after a fused ReLU/ReLU6/clamp (no quantizer between a conv and its
+  activation: the kernel requantizes after it; ONNX Runtime's QLinearConv always emits int8);
+- the outputs of linear/matmul ops only where an integer op consumes them (QK^T, the Q/K/V
+  projections); elsewhere (a residual add, GELU, softmax) the int32 accumulator is dequantized
+  straight to float, as ONNX Runtime's MatMulIntegerToFloat and QGemm do;
 - concat inputs that are all quantized share one quantizer, since the runtime needs one scale.
 
 ``full`` quantizes every float activation (and the weights), for simulating accelerators that
@@ -142,6 +145,24 @@ def _fused_output(node: Node, modules: dict[str, torch.nn.Module]) -> Node:
     return node
 
 
+def _feeds_integer_op(node: Node, modules: dict[str, torch.nn.Module]) -> bool:
+    """True when a conv/linear/matmul consumes ``node`` (through layout ops) as an activation."""
+    frontier = [node]
+    while frontier:
+        current = frontier.pop()
+        for user in current.users:
+            kind = op_kind(user, modules)
+            if kind is OpKind.LAYOUT and user.args and user.args[0] is current:
+                frontier.append(user)
+            elif kind in COMPUTE_KINDS:
+                roles = operand_roles(user, kind)
+                weight = _weight_arg(user, kind)
+                positions = [i for i in roles.activations if weight is None or i != roles.weight]
+                if any(i < len(user.args) and user.args[i] is current for i in positions):
+                    return True
+    return False
+
+
 def _first_hop(anchor: Node, consumer: Node, argument: Node) -> Node:
     """The user of ``anchor`` on the layout chain that leads to ``consumer`` via ``argument``."""
     hop = consumer
@@ -161,6 +182,11 @@ def _runtime_activation_sites(graph_module: GraphModule, namer: SiteNamer) -> li
         if kind is OpKind.EMBEDDING:
             continue
         output = _fused_output(node, modules)
+        requantized = kind in (OpKind.CONV, OpKind.CONV_TRANSPOSE) or _feeds_integer_op(
+            output, modules
+        )
+        if not requantized:
+            continue
         if _is_float_tensor(output) and output.name not in quantized_values:
             name = namer.name(node, "output")
             quantized_values[output.name] = name
@@ -172,8 +198,9 @@ def _runtime_activation_sites(graph_module: GraphModule, namer: SiteNamer) -> li
     for node, kind in compute:
         roles = operand_roles(node, kind)
         weight = _weight_arg(node, kind)
-        activation_args = [i for i in roles.activations
-                           if weight is None or i != operand_roles(node, kind).weight]
+        activation_args = [
+            i for i in roles.activations if weight is None or i != operand_roles(node, kind).weight
+        ]
         for position, index in enumerate(activation_args):
             if index >= len(node.args) or not isinstance(node.args[index], Node):
                 continue
@@ -207,9 +234,7 @@ def _tie_concat_inputs(
         shared = namer.name(concat, "output")
         for name in names:
             rename[rename.get(name, name)] = shared
-    return [
-        ActivationSite(rename.get(s.name, s.name), s.value, s.consumers, s.role) for s in sites
-    ]
+    return [ActivationSite(rename.get(s.name, s.name), s.value, s.consumers, s.role) for s in sites]
 
 
 def _full_activation_sites(graph_module: GraphModule, namer: SiteNamer) -> list[ActivationSite]:
@@ -218,7 +243,11 @@ def _full_activation_sites(graph_module: GraphModule, namer: SiteNamer) -> list[
     for node in graph_module.graph.nodes:
         if node.op not in ("placeholder", "call_function", "call_method", "call_module"):
             continue
-        if node.op == "call_function" and node.target.__name__ == "getitem" and not _is_float_tensor(node):
+        if (
+            node.op == "call_function"
+            and node.target.__name__ == "getitem"
+            and not _is_float_tensor(node)
+        ):
             continue
         if op_kind(node, modules) is OpKind.LAYOUT or not _is_float_tensor(node):
             continue

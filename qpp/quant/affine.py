@@ -61,10 +61,7 @@ def choose_qparams(
     min_val = torch.clamp(min_val.float(), max=0.0)
     max_val = torch.clamp(max_val.float(), min=0.0)
     if symmetric:
-        if signed:
-            scale = torch.maximum(-min_val, max_val) / qmax
-        else:
-            scale = max_val / qmax
+        scale = torch.maximum(-min_val, max_val) / qmax if signed else max_val / qmax
         scale = torch.clamp(scale, min=MIN_SCALE)
         return scale, torch.zeros_like(scale)
     scale = torch.clamp((max_val - min_val) / (qmax - qmin), min=MIN_SCALE)

@@ -69,7 +69,9 @@ def percentile_range(histogram: HistogramObserver, percentile: float = 99.99) ->
 
     def at_fraction(fraction: float) -> torch.Tensor:
         target = total * fraction
-        index = torch.searchsorted(cumulative.contiguous(), target.contiguous()).clamp(1, counts.shape[1])
+        index = torch.searchsorted(cumulative.contiguous(), target.contiguous()).clamp(
+            1, counts.shape[1]
+        )
         c_lo = torch.gather(cumulative, 1, index - 1)
         c_hi = torch.gather(cumulative, 1, index)
         e_lo = torch.gather(edges, 1, index - 1)
@@ -212,7 +214,9 @@ def entropy_range(histogram: HistogramObserver, grid: Grid) -> Range:
     """
     assert histogram.counts is not None and histogram.lo is not None and histogram.hi is not None
     if histogram.counts.shape[0] != 1:
-        raise ConfigError("the entropy estimator is per-tensor only; use mse for per-channel ranges")
+        raise ConfigError(
+            "the entropy estimator is per-tensor only; use mse for per-channel ranges"
+        )
     lo, hi = histogram.lo, histogram.hi
     one_sided = bool(lo[0] >= 0)
     magnitude = hi if one_sided else torch.maximum(-lo, hi)
@@ -245,7 +249,9 @@ def _kl_threshold_bin(counts: torch.Tensor, levels: int) -> int:
         nonzero = (counts[:i] > 0).double()
         group_nonzero = torch.zeros(levels, dtype=counts.dtype).index_add_(0, group, nonzero)
         expanded = torch.where(
-            nonzero > 0, group_sum[group] / group_nonzero[group].clamp(min=1), torch.zeros_like(nonzero)
+            nonzero > 0,
+            group_sum[group] / group_nonzero[group].clamp(min=1),
+            torch.zeros_like(nonzero),
         )
         p = reference / reference.sum().clamp(min=1e-30)
         q = expanded / expanded.sum().clamp(min=1e-30)
@@ -309,9 +315,9 @@ def _weight_mse_range(
 
     def error(c_lo: torch.Tensor, c_hi: torch.Tensor) -> torch.Tensor:
         scale, zero_point = grid.qparams(c_lo, c_hi)
-        return torch.stack([
-            _row_lp_error(rows, scale[k], zero_point[k], grid, p) for k in range(scale.shape[0])
-        ])
+        return torch.stack(
+            [_row_lp_error(rows, scale[k], zero_point[k], grid, p) for k in range(scale.shape[0])]
+        )
 
     return grid_search_range(error, lo, hi, grid.symmetric)
 
@@ -341,13 +347,15 @@ class EstimatorInfo:
 ESTIMATORS: dict[str, EstimatorInfo] = {
     "minmax": EstimatorInfo(("minmax",), lambda s, g, a: minmax_range(s["minmax"])),  # type: ignore[arg-type]
     "percentile": EstimatorInfo(
-        ("histogram",), lambda s, g, a: percentile_range(s["histogram"], a or 99.99)  # type: ignore[arg-type]
+        ("histogram",),
+        lambda s, g, a: percentile_range(s["histogram"], a or 99.99),  # type: ignore[arg-type]
     ),
     "mse": EstimatorInfo(("histogram",), lambda s, g, a: mse_range(s["histogram"], g, a or 2.0)),  # type: ignore[arg-type]
     "entropy": EstimatorInfo(("histogram",), lambda s, g, a: entropy_range(s["histogram"], g)),  # type: ignore[arg-type]
     "topk-median": EstimatorInfo(("topk",), lambda s, g, a: topk_median_range(s["topk"])),  # type: ignore[arg-type]
     "cross-entropy": EstimatorInfo(
-        ("samples",), lambda s, g, a: cross_entropy_range(s["samples"], g)  # type: ignore[arg-type]
+        ("samples",),
+        lambda s, g, a: cross_entropy_range(s["samples"], g),  # type: ignore[arg-type]
     ),
 }
 
@@ -365,7 +373,9 @@ def parse_estimator(estimator: str) -> tuple[str, float | None]:
     try:
         value = float(argument)
     except ValueError:
-        raise ConfigError(f"estimator argument '{argument}' in '{estimator}' is not a number") from None
+        raise ConfigError(
+            f"estimator argument '{argument}' in '{estimator}' is not a number"
+        ) from None
     if name not in ("percentile", "mse"):
         raise ConfigError(f"estimator '{name}' takes no argument; write just '{name}'")
     if name == "percentile" and not 50.0 < value <= 100.0:
@@ -392,9 +402,7 @@ def make_observers(estimator: str, axis: int | None) -> dict[str, object]:
     return {key: factories[key]() for key in sorted(needed)}
 
 
-def activation_range(
-    statistics: dict[str, object], estimator: str, grid: Grid
-) -> Range:
+def activation_range(statistics: dict[str, object], estimator: str, grid: Grid) -> Range:
     """The range ``estimator`` picks from collected ``statistics``."""
     name, argument = parse_estimator(estimator)
     return ESTIMATORS[name].compute(statistics, grid, argument)

@@ -82,7 +82,9 @@ class QuantConfig:
 
     def overrides_for(self, name: str) -> list[LayerOverride]:
         """Overrides whose key equals or glob-matches ``name``, in the order given."""
-        return [o for key, o in self.overrides.items() if key == name or fnmatch.fnmatchcase(name, key)]
+        return [
+            o for key, o in self.overrides.items() if key == name or fnmatch.fnmatchcase(name, key)
+        ]
 
     def check_override_names(self, names: list[str]) -> None:
         """Every override key must match at least one quantizer name."""
@@ -99,8 +101,10 @@ class QuantConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["overrides"] = {k: {kk: vv for kk, vv in asdict(v).items() if vv is not None}
-                             for k, v in self.overrides.items()}
+        data["overrides"] = {
+            k: {kk: vv for kk, vv in asdict(v).items() if vv is not None}
+            for k, v in self.overrides.items()
+        }
         return data
 
     @classmethod

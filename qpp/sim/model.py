@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -28,7 +28,9 @@ QUANTIZER_ROOT = "qpp_quantizers"
 class QuantizedModel(torch.nn.Module):
     """A simulated quantized model: call it like the original model."""
 
-    def __init__(self, graph_module: GraphModule, placement: Placement, config: QuantConfig) -> None:
+    def __init__(
+        self, graph_module: GraphModule, placement: Placement, config: QuantConfig
+    ) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.config = config
@@ -67,11 +69,17 @@ class QuantizedModel(torch.nn.Module):
 
     def _call(self, graph: torch.fx.Graph, quantizer: Quantizer, value: Node) -> Node:
         node = graph.call_module(f"{QUANTIZER_ROOT}.{quantizer.module_key}", (value,))  # type: ignore[attr-defined]
-        node.meta = {k: v for k, v in value.meta.items() if k in ("val", "tensor_meta", "nn_module_stack")}
+        node.meta = {
+            k: v for k, v in value.meta.items() if k in ("val", "tensor_meta", "nn_module_stack")
+        }
         return node
 
-    def _insert_weight(self, graph: torch.fx.Graph, nodes: dict[str, Node], site: WeightSite) -> None:
-        quantizer = self._new_quantizer(site.name, QuantizerKind.WEIGHT, self.config.weight_spec(site.axis))
+    def _insert_weight(
+        self, graph: torch.fx.Graph, nodes: dict[str, Node], site: WeightSite
+    ) -> None:
+        quantizer = self._new_quantizer(
+            site.name, QuantizerKind.WEIGHT, self.config.weight_spec(site.axis)
+        )
         weight, consumer = nodes[site.weight_node], nodes[site.consumer]
         self._weight_targets[site.name] = str(weight.target)
         with graph.inserting_after(weight):
@@ -81,12 +89,16 @@ class QuantizedModel(torch.nn.Module):
     def _insert_activation(
         self, graph: torch.fx.Graph, nodes: dict[str, Node], site: ActivationSite
     ) -> None:
-        quantizer = self._new_quantizer(site.name, QuantizerKind.ACTIVATION, self.config.activation_spec())
+        quantizer = self._new_quantizer(
+            site.name, QuantizerKind.ACTIVATION, self.config.activation_spec()
+        )
         value = nodes[site.value]
         with graph.inserting_after(value):
             quantized = self._call(graph, quantizer, value)
         if site.consumers is None:
-            value.replace_all_uses_with(quantized, delete_user_cb=lambda user: user is not quantized)
+            value.replace_all_uses_with(
+                quantized, delete_user_cb=lambda user: user is not quantized
+            )
         else:
             for consumer_name in site.consumers:
                 nodes[consumer_name].replace_input_with(value, quantized)
@@ -129,9 +141,15 @@ class QuantizedModel(torch.nn.Module):
             raise ConfigError(f"no quantizer matches '{pattern}'; see QuantizedModel.names")
         return chosen
 
-    def set_enabled(self, enabled: bool, pattern: str | None = None, kind: str | None = None) -> None:
+    def set_enabled(
+        self, enabled: bool, pattern: str | None = None, kind: str | None = None
+    ) -> None:
         for quantizer in self.select(pattern, kind):
             quantizer.enabled = enabled
+
+    def weight_target(self, name: str) -> str:
+        """The graph attribute path of the weight that quantizer ``name`` quantizes."""
+        return self._weight_targets[name]
 
     def weight(self, name: str) -> torch.Tensor:
         """The float weight tensor the weight quantizer ``name`` quantizes."""
@@ -174,11 +192,6 @@ class QuantizedModel(torch.nn.Module):
                 quantizer.mode = Mode.OFF
                 quantizer.enabled = False
 
-    def calibrate(self, batches: Iterable[Sequence[torch.Tensor]]) -> None:
-        with torch.no_grad(), self.calibration():
-            for batch in batches:
-                self(*batch)
-
     # --- encodings ------------------------------------------------------------------------------
 
     def encodings(self) -> dict[str, dict[str, object]]:
@@ -202,11 +215,14 @@ class QuantizedModel(torch.nn.Module):
         if missing or extra:
             detail = []
             if missing:
-                detail.append(f"{len(missing)} of this model's quantizers are missing (e.g. '{missing[0]}')")
+                detail.append(
+                    f"{len(missing)} of this model's quantizers are missing (e.g. '{missing[0]}')"
+                )
             if extra:
                 detail.append(f"{len(extra)} names are unknown here (e.g. '{extra[0]}')")
             raise EncodingsError(
-                "these encodings belong to another model: " + "; ".join(detail)
+                "these encodings belong to another model: "
+                + "; ".join(detail)
                 + "; load them into the model (and config) they were computed for"
             )
         for name, data in encodings.items():

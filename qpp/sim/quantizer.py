@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 import torch
 
@@ -12,12 +12,12 @@ from qpp.quant.ranges import Grid, activation_range, make_observers, weight_rang
 from qpp.quant.spec import QuantSpec
 
 
-class QuantizerKind(str, Enum):
+class QuantizerKind(StrEnum):
     WEIGHT = "weight"
     ACTIVATION = "activation"
 
 
-class Mode(str, Enum):
+class Mode(StrEnum):
     #: Pass the input through unchanged.
     OFF = "off"
     #: Pass the input through and collect statistics for the range estimator.
@@ -99,8 +99,9 @@ class Quantizer(torch.nn.Module):
         """Set the QPs whose grid covers ``[lo, hi]`` (per channel if vectors are given)."""
         if self.axis is None:
             lo, hi = lo.reshape(()), hi.reshape(())
-        scale, zero_point = choose_qparams(lo, hi, self.spec.bits, self.spec.symmetric,
-                                           self.spec.is_signed)
+        scale, zero_point = choose_qparams(
+            lo, hi, self.spec.bits, self.spec.symmetric, self.spec.is_signed
+        )
         self.set_encoding(scale, zero_point)
 
     def set_encoding(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:

@@ -21,15 +21,21 @@ def zoo_names() -> list[str]:
     return list(_ENTRIES)
 
 
-def get_entry(name: str) -> ZooEntry:
-    """The zoo entry called ``name``."""
+def entry_class(name: str) -> type[ZooEntry]:
+    """The class of zoo entry ``name`` (imports its module)."""
     if name not in _ENTRIES:
         raise ModelLoadError(
             f"'{name}' is not a zoo model; choose one of {', '.join(_ENTRIES)} "
-            "(qpp models lists them), or pass a .onnx file, a Hugging Face folder or file.py:function"
+            "(qpp models lists them), or pass a .onnx file, a Hugging Face folder "
+            "or file.py:function"
         )
     module_name, class_name = _ENTRIES[name]
-    return getattr(importlib.import_module(module_name), class_name)()
+    return getattr(importlib.import_module(module_name), class_name)
 
 
-__all__ = ["Batch", "EvaluationSet", "ZooEntry", "get_entry", "zoo_names"]
+def get_entry(name: str) -> ZooEntry:
+    """The zoo entry called ``name``, with its default data sizes."""
+    return entry_class(name)()
+
+
+__all__ = ["Batch", "EvaluationSet", "ZooEntry", "entry_class", "get_entry", "zoo_names"]

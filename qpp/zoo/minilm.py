@@ -126,7 +126,7 @@ def mean_cosine_metrics(outputs: torch.Tensor, reference: torch.Tensor) -> dict[
         "mean_cosine": cosine.mean().item(),
         "min_cosine": cosine.min().item(),
         "nn_agreement": 100.0
-        * (_nearest_neighbours(outputs) == _nearest_neighbours(reference)).float().mean().item(),
+        * (_nearest_neighbours(outputs) == _nearest_neighbours(reference)).double().mean().item(),
     }
 
 

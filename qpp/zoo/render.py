@@ -29,7 +29,7 @@ FONT_FILES = (
     "DejaVuSansMono.ttf",
 )
 
-WORDS = (
+_WORD_TEXT = (
     "account address after again amount annual april area august balance bank before best "
     "bill black blue book box building business call card care cash center change check city "
     "class clear client close code coffee color company contact cost country credit customer "
@@ -47,12 +47,13 @@ WORDS = (
     "terminal thank ticket time today total tour tower town track trade train travel tuesday "
     "union unit university valid value view visit wait water way welcome west window winter "
     "world year yellow zone"
-).split()
-NAMES = (
+)
+_NAME_TEXT = (
     "London Paris Berlin Tokyo Madrid Boston Denver Oslo Vienna Dublin Lisbon Prague Austin "
     "Anna Peter Maria James Laura David Sofia Lucas Emma Oliver Acme Nordic Zenith Apex Orion"
-).split()
-MONTHS = "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
+)
+_MONTH_TEXT = "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec"
+WORDS, NAMES, MONTHS = (tuple(text.split()) for text in (_WORD_TEXT, _NAME_TEXT, _MONTH_TEXT))
 
 
 @cache
@@ -148,8 +149,8 @@ def random_style(rng: np.random.Generator, size_range: tuple[int, int]) -> Style
         size=int(rng.integers(*size_range)),
         ink=int(rng.integers(0, 90)),
         paper=int(rng.integers(175, 256)),
-        blur=float(rng.uniform(0.0, 0.8)),
-        noise=float(rng.uniform(0.0, 6.0)),
+        blur=float(rng.uniform(0.0, 1.4)),
+        noise=float(rng.uniform(0.0, 8.0)),
     )
 
 
@@ -183,16 +184,20 @@ def render_page(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``texts`` laid out top to bottom on a ``size`` x ``size`` page.
 
-    Returns the RGB page and the ink box of every line that fits, K x 4 (x0, y0, x1, y1) in
-    pixels, float32. Lines are placed at random left offsets with random vertical gaps.
+    Returns the RGB page and the box of every line that fits, K x 4 (x0, y0, x1, y1) in pixels,
+    float32: the line's ink horizontally, the font's ascender-to-descender span vertically.
+    Lines are placed at random left offsets with random vertical gaps.
     """
     font = _font(style.font, style.size)
     image = Image.new("L", (size, size), style.paper)
     draw = ImageDraw.Draw(image)
     boxes = []
+    _, line_top, _, line_bottom = font.getbbox("Hg")
     y = int(rng.integers(4, 3 * style.size))
     for text in texts:
         left, top, right, bottom = font.getbbox(text)
+        # A labeller's box spans ascenders to descenders even where this line has none.
+        top, bottom = min(top, line_top), max(bottom, line_bottom)
         if right - left > size - 8 or y + bottom > size - 4:
             break
         x = int(rng.integers(4, size - 4 - (right - left) + 1))

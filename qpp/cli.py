@@ -1,0 +1,251 @@
+"""The ``qpp`` command line: parses, calls the library, prints. Nothing else lives here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from qpp.errors import ConfigError, QppError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="qpp: post-training quantization of PyTorch models, simulated and evaluated.",
+)
+stdout = Console()
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def user_errors(command: F) -> F:
+    """Turn a ``QppError`` into one line on stderr and exit status 2 (no traceback)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except QppError as error:
+            message = str(error).replace("\n", " ")
+            print(f"qpp: error: {message}", file=sys.stderr)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore")
+    logging.getLogger("torch").setLevel(logging.ERROR)
+
+
+@app.command()
+def models() -> None:
+    """List the zoo: real models with offline data and a task metric."""
+    from qpp.zoo import entry_class, zoo_names
+
+    table = Table(title="qpp zoo")
+    for column in ("name", "metric", "what"):
+        table.add_column(column)
+    for name in zoo_names():
+        cls = entry_class(name)
+        table.add_row(name, cls.primary_metric, cls.summary)
+    stdout.print(table)
+
+
+def _parse_override(text: str) -> tuple[str, dict[str, Any]]:
+    """``"encoder.*.query.*:bits=16,estimator=minmax"`` -> (pattern, {bits: 16, ...})."""
+    pattern, sep, settings = text.rpartition(":")
+    if not sep or not pattern:
+        raise ConfigError(
+            f"override '{text}' must look like PATTERN:key=value[,key=value], "
+            "e.g. '*.query.output:bits=16'"
+        )
+    values: dict[str, Any] = {}
+    for item in settings.split(","):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"override setting '{item}' must be key=value")
+        key = key.strip()
+        if key == "bits":
+            try:
+                values[key] = int(value)
+            except ValueError:
+                raise ConfigError(f"bits must be an integer, got '{value}'") from None
+        elif key in ("symmetric", "enabled"):
+            values[key] = value.strip().lower() in ("1", "true", "yes", "on")
+        else:
+            values[key] = value.strip()
+    return pattern, values
+
+
+@app.command()
+@user_errors
+def quantize(
+    model: Annotated[
+        str, typer.Argument(help="zoo name, model.onnx, Hugging Face folder, or file.py:function")
+    ],
+    weights: Annotated[int, typer.Option("--weights", help="weight bit-width (2-16)")] = 8,
+    activations: Annotated[
+        int, typer.Option("--activations", help="activation bit-width (2-16)")
+    ] = 8,
+    weight_granularity: Annotated[
+        str, typer.Option(help="per-channel or per-tensor")
+    ] = "per-channel",
+    activation_granularity: Annotated[
+        str, typer.Option(help="per-tensor or per-channel")
+    ] = "per-tensor",
+    weight_estimator: Annotated[str, typer.Option(help="minmax, mse[:p], percentile[:P]")] = "mse",
+    activation_estimator: Annotated[
+        str,
+        typer.Option(help="minmax, mse[:p], percentile[:P], entropy, topk-median, cross-entropy"),
+    ] = "mse",
+    policy: Annotated[
+        str, typer.Option(help="runtime (where an int8 runtime computes) or full")
+    ] = "runtime",
+    fold_bn: Annotated[
+        bool, typer.Option("--fold-bn/--no-fold-bn", help="fold batch norms")
+    ] = True,
+    calib_samples: Annotated[
+        int | None, typer.Option(help="use only the first N calibration samples")
+    ] = None,
+    override: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="per-quantizer change, PATTERN:key=value[,...]; keys: bits, granularity, "
+            "estimator, symmetric, enabled"
+        ),
+    ] = None,
+    disable: Annotated[
+        list[str] | None, typer.Option(help="leave quantizers matching PATTERN in float")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="a JSON config (qpp.json 'config' or QuantConfig)")
+    ] = None,
+    calib: Annotated[Path | None, typer.Option(help="calibration .npz for a user model")] = None,
+    eval_data: Annotated[
+        Path | None, typer.Option("--eval", help="evaluation .npz for a user model")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="output folder (default: a new folder under runs/)")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="print one JSON object and nothing else")
+    ] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+    list_quantizers: Annotated[
+        bool, typer.Option(help="print the quantizer names and exit")
+    ] = False,
+) -> None:
+    """Quantize MODEL, evaluate it against FP32, and save encodings, weights and a report."""
+    _quiet_libraries()
+    from qpp.pipeline import quantize_job
+    from qpp.runs import default_run_folder
+    from qpp.sim.config import LayerOverride, QuantConfig
+    from qpp.sources import SourceSpec
+
+    if config is not None:
+        data = json.loads(config.read_text()) if config.is_file() else None
+        if data is None:
+            raise ConfigError(f"config file {config} does not exist")
+        quant_config = QuantConfig.from_dict(data.get("config", data))
+    else:
+        overrides: dict[str, LayerOverride] = {}
+        for text in override or []:
+            pattern, values = _parse_override(text)
+            try:
+                overrides[pattern] = LayerOverride(**values)
+            except TypeError:
+                raise ConfigError(
+                    f"override '{text}' has an unknown key; use bits, granularity, estimator, "
+                    "symmetric or enabled"
+                ) from None
+        for pattern in disable or []:
+            overrides[pattern] = LayerOverride(enabled=False)
+        quant_config = QuantConfig(
+            weight_bits=weights,
+            activation_bits=activations,
+            weight_granularity=weight_granularity,
+            activation_granularity=activation_granularity,
+            weight_estimator=weight_estimator,
+            activation_estimator=activation_estimator,
+            policy=policy,
+            fold_batch_norm=fold_bn,
+            calibration_samples=calib_samples,
+            overrides=overrides,
+        )
+    source = SourceSpec(
+        model,
+        str(calib) if calib is not None else None,
+        str(eval_data) if eval_data is not None else None,
+    )
+    if list_quantizers:
+        _print_quantizers(source, quant_config)
+        return
+    folder = out if out is not None else default_run_folder(model)
+    result, _ = quantize_job(source, quant_config, folder, force, show_progress=not quiet)
+    _show(result.as_dict(), json_output, f"qpp quantize {model}")
+
+
+def _print_quantizers(source: Any, quant_config: Any) -> None:
+    from qpp.api import prepare
+    from qpp.data import check_batches
+    from qpp.sources import resolve_source
+
+    entry = resolve_source(source)
+    batches = check_batches(entry.calibration_set(), "calibration")
+    quantized = prepare(entry.load_model(), batches[0], quant_config)
+    for name in quantized.names:
+        print(f"{quantized.quantizer(name).kind.value:10s} {name}")
+
+
+def _show(result: dict[str, Any], json_output: bool, title: str) -> None:
+    if json_output:
+        print(json.dumps(result))
+        return
+    from qpp.report.tables import print_result
+
+    print_result(result, title, stdout)
+    if result.get("output_dir"):
+        stdout.print(f"saved to {result['output_dir']}")
+
+
+@app.command("eval")
+@user_errors
+def eval_command(
+    folder: Annotated[Path, typer.Argument(help="a folder written by qpp quantize")],
+    json_output: Annotated[
+        bool, typer.Option("--json", help="print one JSON object and nothing else")
+    ] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """Rebuild a saved quantized model and evaluate it again (reproduces the saved metrics)."""
+    _quiet_libraries()
+    from qpp.pipeline import eval_job
+
+    result, saved = eval_job(folder, show_progress=not quiet)
+    data = result.as_dict()
+    data["reproduced"] = data["metrics"] == saved.get("metrics")
+    _show(data, json_output, f"qpp eval {folder}")
+    if not json_output:
+        verdict = "identical to" if data["reproduced"] else "DIFFERENT from"
+        stdout.print(f"metrics are {verdict} the saved report")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

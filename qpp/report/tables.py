@@ -1,0 +1,44 @@
+"""Terminal tables (rich) for job results."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _format(value: float) -> str:
+    return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+
+
+def result_table(result: dict[str, Any], title: str) -> Table:
+    """FP32 vs quantized metrics, sizes and times of one job (the ``--json`` object)."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("")
+    table.add_column("FP32", justify="right")
+    table.add_column("quantized", justify="right")
+    table.add_column("change", justify="right")
+    fp32, quantized = result["metrics"]["fp32"], result["metrics"]["quantized"]
+    for key, value in fp32.items():
+        q = quantized.get(key, float("nan"))
+        marker = " *" if key == result.get("primary_metric") else ""
+        table.add_row(f"{key}{marker}", _format(value), _format(q), f"{q - value:+.4f}")
+    sizes = result["size_bytes"]
+    ratio = sizes["quantized"] / sizes["fp32"] if sizes["fp32"] else float("nan")
+    table.add_row(
+        "model size (MB)",
+        f"{sizes['fp32'] / 1e6:.2f}",
+        f"{sizes['quantized'] / 1e6:.2f}",
+        f"x{ratio:.3f}",
+        end_section=True,
+    )
+    seconds = result["seconds"]
+    table.add_row("calibrate (s)", "", f"{seconds['calibrate']:.1f}", "")
+    table.add_row("evaluate (s)", "", f"{seconds['evaluate']:.1f}", "")
+    table.add_row("total (s)", "", f"{seconds['total']:.1f}", "")
+    return table
+
+
+def print_result(result: dict[str, Any], title: str, console: Console | None = None) -> None:
+    (console or Console()).print(result_table(result, title))
