@@ -9,11 +9,13 @@ the error names the failing op and its source line.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import logging
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -53,7 +55,7 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> G
 
 def _export(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> GraphModule:
     batch_dynamic = tuple({0: Dim.AUTO} if x.ndim > 0 else None for x in inputs)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _torch_reports_silenced():
         warnings.simplefilter("ignore")
         with torch.no_grad():
             try:
@@ -65,6 +67,20 @@ def _export(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> GraphMo
     graph_module = program.module()
     _drop_guard_calls(graph_module)
     return graph_module
+
+
+@contextlib.contextmanager
+def _torch_reports_silenced() -> Iterator[None]:
+    """Keep torch.export's own failure reports (a partial graph printed to stderr, errors
+    logged) off the user's terminal: a failure falls back to torch.fx, or becomes one
+    ``CaptureError`` line."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logging.disable(previous)
 
 
 def _drop_guard_calls(graph_module: GraphModule) -> None:

@@ -192,9 +192,17 @@ def _runtime_activation_sites(graph_module: GraphModule, namer: SiteNamer) -> li
             quantized_values[output.name] = name
             sites.append(ActivationSite(name, output.name, None, "output"))
 
+    # A concat of quantized tensors is on one grid when its inputs share a quantizer.
+    concat_groups: list[tuple[Node, list[str]]] = []
+    for node in graph_module.graph.nodes:
+        if op_kind(node, modules) is OpKind.CONCAT and isinstance(node.args[0], list | tuple):
+            parts = [_anchor(p, modules) for p in node.args[0] if isinstance(p, Node)]
+            if parts and all(p.name in quantized_values for p in parts):
+                concat_groups.append((node, [quantized_values[p.name] for p in parts]))
+    tied_concats = {concat.name for concat, _ in concat_groups}
+
     edges: dict[str, dict[str, None]] = defaultdict(dict)
     edge_names: dict[str, str] = {}
-    concat_groups: list[tuple[Node, list[str]]] = []
     for node, kind in compute:
         roles = operand_roles(node, kind)
         weight = _weight_arg(node, kind)
@@ -210,11 +218,8 @@ def _runtime_activation_sites(graph_module: GraphModule, namer: SiteNamer) -> li
             anchor = _anchor(argument, modules)
             if anchor.name in quantized_values:
                 continue
-            if op_kind(anchor, modules) is OpKind.CONCAT:
-                parts = [_anchor(p, modules) for p in anchor.args[0]]  # type: ignore[union-attr]
-                if all(p.name in quantized_values for p in parts):
-                    concat_groups.append((anchor, [quantized_values[p.name] for p in parts]))
-                    continue
+            if anchor.name in tied_concats:
+                continue
             suffix = "input" if len(activation_args) == 1 else f"input{position}"
             edge_names.setdefault(anchor.name, namer.name(node, suffix))
             edges[anchor.name][_first_hop(anchor, node, argument).name] = None

@@ -1,0 +1,71 @@
+"""Batch-norm folding keeps the FP32 function (white paper eq. 9-10)."""
+
+import torch
+from torch import nn
+
+from qpp.graph.capture import capture
+from qpp.graph.fold import fold_batch_norms
+from qpp.graph.ops import OpKind, op_kind
+
+
+def _randomize(bn: nn.BatchNorm2d | nn.BatchNorm1d) -> None:
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.2, 3)
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
+
+
+class ConvBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 6)
+        self.bn1d = nn.BatchNorm1d(6)
+        for bn in (self.bn, self.bn1d):
+            _randomize(bn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn(self.conv(x))).mean((2, 3))
+        return self.bn1d(self.fc(y))
+
+
+def test_folding_removes_batch_norms_and_keeps_outputs() -> None:
+    torch.manual_seed(0)
+    model = ConvBN().eval()
+    x = torch.randn(4, 3, 8, 8)
+    graph_module = capture(model, (x,))
+    folded = fold_batch_norms(graph_module)
+    assert len(folded) == 2
+    assert not any(op_kind(n) is OpKind.BATCH_NORM for n in graph_module.graph.nodes)
+    expected = model(torch.randn(5, 3, 8, 8).clone())
+    x2 = torch.randn(5, 3, 8, 8)
+    torch.testing.assert_close(graph_module(x2), model(x2), rtol=1e-5, atol=1e-5)
+    assert expected.shape == (5, 6)
+
+
+def test_folding_leaves_the_user_model_untouched() -> None:
+    model = ConvBN().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    graph_module = capture(model, (torch.randn(2, 3, 8, 8),))
+    fold_batch_norms(graph_module)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_batch_norm_without_a_layer_before_it_stays() -> None:
+    class Lonely(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+            _randomize(self.bn)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(x + 1)
+
+    model = Lonely().eval()
+    graph_module = capture(model, (torch.randn(2, 3, 4, 4),))
+    assert fold_batch_norms(graph_module) == []
+    x = torch.randn(3, 3, 4, 4)
+    torch.testing.assert_close(graph_module(x), model(x))
