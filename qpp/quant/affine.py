@@ -126,7 +126,13 @@ def fake_quantize(
     qmin, qmax = integer_range(bits, signed)
     scale = broadcast_shape(scale, x.ndim, axis)
     zero_point = broadcast_shape(round_ste(zero_point), x.ndim, axis)
-    x_int = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
+    scaled = x / scale
+    # The gradient follows the unrounded position (LSQ: n < x/s + z < p), so a value that rounds
+    # onto a grid end still counts as inside. The forward value is exactly eq. (3): ``position``
+    # lies within 1/2 of the integer ``x_int``, so their float difference is exact.
+    position = torch.clamp(scaled + zero_point, qmin, qmax)
+    x_int = torch.clamp(torch.round(scaled) + zero_point, qmin, qmax)
+    x_int = position + (x_int - position).detach()
     return (x_int - zero_point) * scale
 
 

@@ -29,7 +29,7 @@ class MinMaxObserver:
 
     def update(self, x: torch.Tensor) -> None:
         rows = channels_first(x, self.axis)
-        batch_min, batch_max = rows.amin(dim=1), rows.amax(dim=1)
+        batch_min, batch_max = torch.aminmax(rows, dim=1)
         if self.min is None or self.max is None:
             self.min, self.max = batch_min, batch_max
         else:
@@ -63,8 +63,16 @@ class HistogramObserver:
 
     def update(self, x: torch.Tensor) -> None:
         rows = channels_first(x, self.axis)
-        rows = rows[:, torch.isfinite(rows).all(dim=0)] if not torch.isfinite(rows).all() else rows
-        batch_lo, batch_hi = rows.amin(dim=1), rows.amax(dim=1)
+        batch_lo, batch_hi = torch.aminmax(rows, dim=1)
+        finite: torch.Tensor | None = None
+        if not bool(torch.isfinite(batch_lo).all() and torch.isfinite(batch_hi).all()):
+            # Rare (attention masks of -inf): non-finite values are skipped, not counted.
+            finite = torch.isfinite(rows)
+            batch_lo = torch.where(finite, rows, torch.inf).amin(dim=1)
+            batch_hi = torch.where(finite, rows, -torch.inf).amax(dim=1)
+            rows = torch.where(finite, rows, batch_lo[:, None])
+            if not bool(finite.any(dim=1).all()):
+                return
         if self.counts is None or self.lo is None or self.hi is None:
             lo, hi = batch_lo, batch_hi
             # A constant channel still needs a non-empty range.
@@ -80,7 +88,8 @@ class HistogramObserver:
         index = torch.floor((rows - self.lo[:, None]) / width[:, None]).long()
         index = index.clamp_(0, self.bins - 1)
         index += (torch.arange(rows.shape[0]) * self.bins)[:, None]
-        flat = torch.bincount(index.reshape(-1), minlength=rows.shape[0] * self.bins)
+        weights = None if finite is None else finite.reshape(-1).double()
+        flat = torch.bincount(index.reshape(-1), weights, minlength=rows.shape[0] * self.bins)
         self.counts += flat.reshape(rows.shape[0], self.bins).double()
 
     def _rebin(
@@ -96,8 +105,10 @@ class HistogramObserver:
         return torch.diff(cumulative, dim=1).clamp_(min=0)
 
     def edges_between(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        # Subtract in float64: a float32 width would put the last edge short of ``hi``.
+        lo, hi = lo.double(), hi.double()
         steps = torch.linspace(0, 1, self.bins + 1, dtype=torch.float64)
-        return lo.double()[:, None] + (hi - lo).double()[:, None] * steps[None, :]
+        return lo[:, None] + (hi - lo)[:, None] * steps[None, :]
 
     def edges(self) -> torch.Tensor:
         """Bin edges, ``[C, bins + 1]`` (float64)."""
@@ -110,7 +121,8 @@ def cumulative_at(
 ) -> torch.Tensor:
     """The histogram's cumulative count at ``points`` (``[C, K]``), uniform within bins."""
     bins = counts.shape[1]
-    position = (points - lo.double()[:, None]) / (hi - lo).double()[:, None] * bins
+    lo, hi = lo.double(), hi.double()
+    position = (points - lo[:, None]) / (hi - lo)[:, None] * bins
     position = position.clamp(0, bins)
     index = torch.floor(position).long().clamp_(max=bins - 1)
     fraction = position - index

@@ -17,6 +17,7 @@ works per channel: inputs carry a leading channel dimension and outputs are ``[C
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -129,58 +130,59 @@ def _power(x: torch.Tensor, exponent: float) -> torch.Tensor:
     return x * x * x if exponent == 3.0 else x**exponent
 
 
-def _search_factors(coarse: int, fine: int, smallest: float) -> tuple[torch.Tensor, float]:
-    """A geometric grid of shrink factors from ``smallest`` to 1, and its step ratio."""
-    ratio = (1.0 / smallest) ** (1.0 / (coarse - 1))
-    return torch.logspace(torch.log10(torch.tensor(smallest)).item(), 0.0, coarse), ratio
-
-
 def grid_search_range(
     error_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     lo: torch.Tensor,
     hi: torch.Tensor,
     symmetric: bool,
     smallest: float = 0.005,
+    coarse: int = 24,
+    fine: int = 7,
+    refinements: int = 3,
 ) -> Range:
     """Per-channel ``argmin error_fn`` over shrunken copies of ``[lo, hi]``, coarse to fine.
 
     ``error_fn(candidate_lo, candidate_hi)`` takes ``[K, C]`` candidates and returns ``[K, C]``
-    errors. One-sided data and symmetric grids search one shrink factor (24 geometric steps
-    from ``smallest`` to 1, then 12 linear steps between the best one's neighbours); two-sided
-    asymmetric grids search both bounds (16 x 16, then 9 x 9). Channels are searched together.
+    errors. The search scales the range by factors: first ``coarse`` geometric steps from
+    ``smallest`` to 1, then ``refinements`` rounds of ``fine`` linear steps spanning one step
+    of the previous grid on each side of the best factor. One-sided data and symmetric grids
+    search one factor; two-sided asymmetric grids search both bounds jointly (on a grid of
+    ``coarse/2`` and ``fine - 2`` steps per side, to keep the product small). Channels are
+    searched together.
     """
     lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     two_sided = bool((lo < 0).any() and (hi > 0).any()) and not symmetric
-    coarse_steps, fine_steps = (16, 9) if two_sided else (24, 12)
-    factors, ratio = _search_factors(coarse_steps, fine_steps, smallest)
+    if two_sided:
+        coarse, fine = max(4, coarse // 2), max(3, fine - 2)
     channels = lo.shape[0]
+    steps = torch.logspace(math.log10(smallest), 0.0, coarse)
+    ratio = (1.0 / smallest) ** (1.0 / (coarse - 1))
 
-    def evaluate(lo_factor: torch.Tensor, hi_factor: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        # factors are [K, C]
-        candidate_lo, candidate_hi = lo_factor * lo[None], hi_factor * hi[None]
-        errors = _chunked(error_fn, (candidate_lo, candidate_hi))
+    def evaluate(lo_factor: torch.Tensor, hi_factor: torch.Tensor) -> Range:
+        errors = _chunked(error_fn, (lo_factor * lo[None], hi_factor * hi[None]))
         best = errors.argmin(dim=0, keepdim=True)
         return torch.gather(lo_factor, 0, best)[0], torch.gather(hi_factor, 0, best)[0]
 
-    def around(best: torch.Tensor) -> torch.Tensor:
-        steps = torch.linspace(0.0, 1.0, fine_steps)[:, None]
-        low, high = best[None] / ratio, torch.clamp(best[None] * ratio, max=1.0)
-        return low + (high - low) * steps  # [fine, C]
+    def candidates(lo_axis: torch.Tensor, hi_axis: torch.Tensor) -> Range:
+        """All (lo, hi) factor pairs for two-sided data, shared factors otherwise: [K, C]."""
+        if not two_sided:
+            return lo_axis, lo_axis
+        k_lo, k_hi = lo_axis.shape[0], hi_axis.shape[0]
+        pairs_lo = lo_axis[:, None, :].expand(-1, k_hi, -1).reshape(-1, channels)
+        pairs_hi = hi_axis[None, :, :].expand(k_lo, -1, -1).reshape(-1, channels)
+        return pairs_lo, pairs_hi
 
-    if not two_sided:
-        coarse = factors[:, None].expand(-1, channels)
-        _, best = evaluate(coarse, coarse)
-        fine = around(best)
-        best_lo, best_hi = evaluate(fine, fine)
-        return best_lo * lo, best_hi * hi
-    lo_f, hi_f = torch.meshgrid(factors, factors, indexing="ij")
-    best_lo, best_hi = evaluate(
-        lo_f.reshape(-1, 1).expand(-1, channels), hi_f.reshape(-1, 1).expand(-1, channels)
-    )
-    fine_lo, fine_hi = around(best_lo), around(best_hi)
-    pairs_lo = fine_lo[:, None, :].expand(-1, fine_steps, -1).reshape(-1, channels)
-    pairs_hi = fine_hi[None, :, :].expand(fine_steps, -1, -1).reshape(-1, channels)
-    best_lo, best_hi = evaluate(pairs_lo, pairs_hi)
+    axis = steps[:, None].expand(-1, channels)
+    best_lo, best_hi = evaluate(*candidates(axis, axis))
+    widths_lo = best_lo * (ratio - 1.0)
+    widths_hi = best_hi * (ratio - 1.0)
+    fine |= 1  # an odd count keeps the current best among the candidates
+    offsets = torch.linspace(-1.0, 1.0, fine)[:, None]
+    for _ in range(refinements):
+        lo_axis = (best_lo[None] + offsets * widths_lo[None]).clamp(smallest / 2, 1.0)
+        hi_axis = (best_hi[None] + offsets * widths_hi[None]).clamp(smallest / 2, 1.0)
+        best_lo, best_hi = evaluate(*candidates(lo_axis, hi_axis))
+        widths_lo, widths_hi = widths_lo * 2 / (fine - 1), widths_hi * 2 / (fine - 1)
     return best_lo * lo, best_hi * hi
 
 
@@ -319,7 +321,8 @@ def _weight_mse_range(
             [_row_lp_error(rows, scale[k], zero_point[k], grid, p) for k in range(scale.shape[0])]
         )
 
-    return grid_search_range(error, lo, hi, grid.symmetric)
+    # Weights rarely need clipping below 10 % of their extreme: a shorter search suffices.
+    return grid_search_range(error, lo, hi, grid.symmetric, smallest=0.1, coarse=12, fine=6)
 
 
 def _row_lp_error(
@@ -362,6 +365,10 @@ ESTIMATORS: dict[str, EstimatorInfo] = {
 
 def parse_estimator(estimator: str) -> tuple[str, float | None]:
     """``"percentile:99.9"`` -> ``("percentile", 99.9)``; ``"mse"`` -> ``("mse", None)``."""
+    if not isinstance(estimator, str):
+        raise ConfigError(
+            f"range estimator {estimator!r} is not a name; use one of {', '.join(ESTIMATORS)}"
+        )
     name, _, argument = estimator.partition(":")
     if name not in ESTIMATORS:
         raise ConfigError(
@@ -380,8 +387,8 @@ def parse_estimator(estimator: str) -> tuple[str, float | None]:
         raise ConfigError(f"estimator '{name}' takes no argument; write just '{name}'")
     if name == "percentile" and not 50.0 < value <= 100.0:
         raise ConfigError(f"percentile must be in (50, 100], got {value}")
-    if name == "mse" and not value > 0:
-        raise ConfigError(f"the Lp norm of mse must be positive, got {value}")
+    if name == "mse" and not 0 < value < math.inf:
+        raise ConfigError(f"the Lp norm of mse must be positive and finite, got {value}")
     return name, value
 
 
@@ -390,7 +397,7 @@ def check_estimator_name(estimator: str) -> None:
 
 
 def make_observers(estimator: str, axis: int | None) -> dict[str, object]:
-    """Fresh observers for the statistics ``estimator`` needs (plus min-max, always)."""
+    """Fresh observers for the statistics ``estimator`` needs."""
     name, _ = parse_estimator(estimator)
     factories: dict[str, Callable[[], object]] = {
         "minmax": lambda: MinMaxObserver(axis),
@@ -398,8 +405,7 @@ def make_observers(estimator: str, axis: int | None) -> dict[str, object]:
         "topk": lambda: TopKObserver(axis),
         "samples": lambda: SampleObserver(),
     }
-    needed = {"minmax", *ESTIMATORS[name].statistics}
-    return {key: factories[key]() for key in sorted(needed)}
+    return {key: factories[key]() for key in ESTIMATORS[name].statistics}
 
 
 def activation_range(statistics: dict[str, object], estimator: str, grid: Grid) -> Range:

@@ -30,7 +30,7 @@ class QuantSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
             raise ConfigError(
-                f"bit-width {self.bits} is not supported; "
+                f"bit-width {self.bits!r} is not supported; "
                 f"use an integer from {MIN_BITS} to {MAX_BITS}"
             )
         if self.granularity not in GRANULARITIES:

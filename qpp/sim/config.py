@@ -109,13 +109,24 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"a config must be a JSON object of settings, got {type(data).__name__}; "
+                'write e.g. {"weight_bits": 4}'
+            )
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"unknown config key(s) {sorted(unknown)}; allowed: {sorted(known)}")
         data = dict(data)
         overrides = {}
-        for key, value in (data.pop("overrides", None) or {}).items():
+        given = data.pop("overrides", None) or {}
+        if not isinstance(given, dict):
+            raise ConfigError(
+                'overrides must be an object mapping quantizer names or globs to settings, e.g. '
+                '{"*.query.output": {"bits": 16}}'
+            )
+        for key, value in given.items():
             allowed = {f.name for f in fields(LayerOverride)}
             if not isinstance(value, dict) or set(value) - allowed:
                 raise ConfigError(

@@ -48,7 +48,7 @@ class Quantizer(torch.nn.Module):
         self.register_buffer("zero_point", torch.zeros(()))
         self.calibrated = False
         self._statistics: dict[str, object] = {}
-        self._cached: tuple[int, int, torch.Tensor] | None = None
+        self._cached: tuple[torch.Tensor, tuple[object, ...], torch.Tensor] | None = None
 
     # --- configuration ------------------------------------------------------------------------
 
@@ -106,8 +106,10 @@ class Quantizer(torch.nn.Module):
 
     def set_encoding(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
         qmin, qmax = self.integer_range
-        if not bool(torch.all(scale > 0)):
-            raise EncodingsError(f"quantizer '{self.name}': scales must be positive")
+        if not bool(torch.all((scale > 0) & torch.isfinite(scale))):
+            raise EncodingsError(f"quantizer '{self.name}': scales must be positive and finite")
+        if not bool(torch.all(zero_point == torch.round(zero_point))):
+            raise EncodingsError(f"quantizer '{self.name}': zero points must be integers")
         if not bool(torch.all((zero_point >= qmin) & (zero_point <= qmax))):
             raise EncodingsError(
                 f"quantizer '{self.name}': zero points must lie in [{qmin}, {qmax}] for "
@@ -134,13 +136,19 @@ class Quantizer(torch.nn.Module):
         )
 
     def _cached_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """Weights change rarely: reuse their fake-quantized copy until the tensor changes."""
-        key = (weight.data_ptr(), weight._version)
-        if self._cached is None or self._cached[:2] != key:
+        """Weights change rarely: reuse their fake-quantized copy until the tensor changes.
+
+        A change is a different memory view or an in-place write that bumps the tensor's
+        version counter (any write under ``torch.no_grad()``). Writes through ``weight.data``
+        bypass that counter and are not seen. The cache holds the weight itself, so its memory
+        cannot be freed and reused by a new tensor with the same address and version.
+        """
+        key = (weight.data_ptr(), weight.shape, weight.stride(), weight.dtype, weight._version)
+        if self._cached is None or self._cached[1] != key:
             quantized = fake_quantize(
                 weight, self.scale, self.zero_point, self.spec.bits, self.spec.is_signed, self.axis
             )
-            self._cached = (*key, quantized)
+            self._cached = (weight.detach(), key, quantized)
         return self._cached[2]
 
     def extra_repr(self) -> str:
