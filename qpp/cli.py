@@ -75,15 +75,22 @@ def _parse_override(text: str) -> tuple[str, dict[str, Any]]:
     for item in settings.split(","):
         key, eq, value = item.partition("=")
         if not eq:
-            raise ConfigError(f"override setting '{item}' must be key=value")
+            raise ConfigError(
+                f"override setting '{item}' must be key=value; write e.g. '{pattern}:bits=4'"
+            )
         key = key.strip()
         if key == "bits":
             try:
                 values[key] = int(value)
             except ValueError:
-                raise ConfigError(f"bits must be an integer, got '{value}'") from None
+                raise ConfigError(
+                    f"bits must be an integer, got '{value}'; write e.g. '{pattern}:bits=4'"
+                ) from None
         elif key in ("symmetric", "enabled"):
-            values[key] = value.strip().lower() in ("1", "true", "yes", "on")
+            flag = value.strip().lower()
+            if flag not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ConfigError(f"{key} must be true or false, got '{value}'")
+            values[key] = flag in ("1", "true", "yes", "on")
         else:
             values[key] = value.strip()
     return pattern, values
@@ -156,10 +163,7 @@ def quantize(
     from qpp.sources import SourceSpec
 
     if config is not None:
-        data = json.loads(config.read_text()) if config.is_file() else None
-        if data is None:
-            raise ConfigError(f"config file {config} does not exist")
-        quant_config = QuantConfig.from_dict(data.get("config", data))
+        quant_config = _read_config(config)
     else:
         overrides: dict[str, LayerOverride] = {}
         for text in override or []:
@@ -196,6 +200,34 @@ def quantize(
     folder = out if out is not None else default_run_folder(model)
     result, _ = quantize_job(source, quant_config, folder, force, show_progress=not quiet)
     _show(result.as_dict(), json_output, f"qpp quantize {model}")
+
+
+def _read_config(path: Path) -> Any:
+    """The ``QuantConfig`` in a JSON file: a bare config, or a run's ``qpp.json``."""
+    from qpp.sim.config import QuantConfig
+
+    if not path.is_file():
+        raise ConfigError(
+            f"config file {path} does not exist; pass a JSON file (a run's qpp.json or a "
+            "QuantConfig)"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"config file {path} is not valid JSON ({error}); fix it") from None
+    if isinstance(data, dict) and isinstance(data.get("config"), dict):
+        data = data["config"]
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path} holds no JSON object; write one like QuantConfig().to_json()"
+        )
+    try:
+        return QuantConfig.from_dict(data)
+    except (TypeError, AttributeError) as error:
+        raise ConfigError(
+            f"config file {path} has a value of the wrong type ({error}); compare it with "
+            "QuantConfig().to_json()"
+        ) from None
 
 
 def _print_quantizers(source: Any, quant_config: Any) -> None:

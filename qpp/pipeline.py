@@ -11,7 +11,14 @@ import torch
 
 from qpp.api import calibrate, limit_samples, prepare, run
 from qpp.data import check_batches
-from qpp.runs import load_weights, prepare_output, read_run, save_run
+from qpp.runs import (
+    check_encoding_sizes,
+    load_weights,
+    prepare_output,
+    read_run,
+    remove_unused_output,
+    save_run,
+)
 from qpp.sim.config import QuantConfig
 from qpp.sim.model import QuantizedModel
 from qpp.sources import SourceSpec, resolve_source
@@ -95,19 +102,39 @@ def quantize_job(
 ) -> tuple[JobResult, QuantizedModel]:
     """Quantize ``source`` with ``config``, evaluate FP32 and quantized, save to ``output_dir``."""
     started = time.perf_counter()
+    created = prepare_output(output_dir, force) if output_dir is not None else None
+    try:
+        result, quantized = _quantize(source, config, show_progress)
+    except BaseException:
+        if created is not None and output_dir is not None:  # leave no empty folders behind
+            remove_unused_output(output_dir, created)
+        raise
     if output_dir is not None:
-        prepare_output(output_dir, force)  # fail before any long work
+        result.output_dir = str(output_dir)
+        result.seconds["total"] = round(time.perf_counter() - started, 3)
+        save_run(output_dir, source, quantized, result.as_dict())
+    result.seconds["total"] = round(time.perf_counter() - started, 3)
+    return result, quantized
+
+
+def _quantize(
+    source: SourceSpec, config: QuantConfig, show_progress: bool
+) -> tuple[JobResult, QuantizedModel]:
+    # Capture and check the overrides before evaluating anything, so bad input fails fast.
     entry = resolve_source(source)
     fp32 = entry.load_model()
-    fp32_metrics, fp32_outputs, _ = evaluate_entry(entry, fp32, None, show_progress, "fp32")
-
     calibration_start = time.perf_counter()
     batches = limit_samples(
         check_batches(entry.calibration_set(), "calibration"), config.calibration_samples
     )
     quantized = prepare(fp32, batches[0], config)
+    prepare_seconds = time.perf_counter() - calibration_start
+
+    fp32_metrics, fp32_outputs, _ = evaluate_entry(entry, fp32, None, show_progress, "fp32")
+
+    calibration_start = time.perf_counter()
     calibrate(quantized, batches, show_progress)
-    calibrate_seconds = time.perf_counter() - calibration_start
+    calibrate_seconds = prepare_seconds + time.perf_counter() - calibration_start
 
     quantized_metrics, _, evaluate_seconds = evaluate_entry(
         entry, quantized, fp32_outputs, show_progress, "quantized"
@@ -122,14 +149,10 @@ def quantize_job(
             "evaluate": round(evaluate_seconds, 3),
             "total": 0.0,
         },
-        output_dir=str(output_dir) if output_dir is not None else None,
+        output_dir=None,
         primary_metric=entry.primary_metric,
         extra={"quantizers": len(quantized.names)},
     )
-    if output_dir is not None:
-        result.seconds["total"] = round(time.perf_counter() - started, 3)
-        save_run(output_dir, source, quantized, result.as_dict())
-    result.seconds["total"] = round(time.perf_counter() - started, 3)
     return result, quantized
 
 
@@ -142,11 +165,13 @@ def eval_job(folder: Path, show_progress: bool = True) -> tuple[JobResult, dict[
     record = read_run(folder)
     entry = resolve_source(record.source)
     fp32 = entry.load_model()
-    fp32_metrics, fp32_outputs, _ = evaluate_entry(entry, fp32, None, show_progress, "fp32")
+    # Rebuild and check the saved model first: a folder that does not fit fails fast.
     batches = check_batches(entry.calibration_set(), "calibration")
     quantized = prepare(fp32, batches[0], record.config)
     load_weights(quantized, folder)
+    check_encoding_sizes(quantized, record.encodings)
     quantized.load_encodings(record.encodings)
+    fp32_metrics, fp32_outputs, _ = evaluate_entry(entry, fp32, None, show_progress, "fp32")
     quantized_metrics, _, evaluate_seconds = evaluate_entry(
         entry, quantized, fp32_outputs, show_progress, "quantized"
     )

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from qpp.errors import EncodingsError, OutputExistsError
+from qpp.errors import ConfigError, EncodingsError, OutputExistsError
 from qpp.sim.config import QuantConfig
 from qpp.sim.model import QUANTIZER_ROOT, QuantizedModel
 from qpp.sources import SourceSpec
@@ -39,19 +39,41 @@ class RunRecord:
     folder: Path
 
 
-def prepare_output(folder: Path, force: bool) -> None:
-    """Refuse an existing non-empty ``folder`` unless ``force``; then create it."""
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        if not force:
-            raise OutputExistsError(
-                f"{folder} already exists; choose another --out or pass --force to replace it"
-            )
-        if folder.is_dir():
-            for name in FILES:
-                (folder / name).unlink(missing_ok=True)
-        else:
-            folder.unlink()
-    folder.mkdir(parents=True, exist_ok=True)
+def prepare_output(folder: Path, force: bool) -> Path | None:
+    """Refuse an existing non-empty ``folder`` unless ``force``, and any path that is not a
+    folder; then create it. Returns the outermost folder this created (``None`` if ``folder``
+    existed), for ``remove_unused_output`` after a failed run.
+
+    Nothing is deleted here: with ``force`` the old files stay until ``save_run`` writes the
+    new ones over them, so a run that fails on bad input loses nothing.
+    """
+    if folder.exists() and not folder.is_dir():
+        raise OutputExistsError(f"{folder} exists and is not a folder; choose another --out")
+    if folder.exists() and any(folder.iterdir()) and not force:
+        raise OutputExistsError(
+            f"{folder} already exists; choose another --out or pass --force to replace it"
+        )
+    created = next((p for p in reversed([folder, *folder.parents]) if not p.exists()), None)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(
+            f"cannot create output folder {folder} ({error.strerror or error}); "
+            "choose an --out you can write to"
+        ) from None
+    return created
+
+
+def remove_unused_output(folder: Path, created: Path) -> None:
+    """Remove ``folder`` and its parents up to ``created`` (what ``prepare_output`` made),
+    as long as they are empty."""
+    for path in [folder, *folder.parents]:
+        try:
+            path.rmdir()
+        except OSError:
+            return
+        if path == created:
+            return
 
 
 def default_run_folder(model: str, root: Path = Path("runs")) -> Path:
@@ -83,7 +105,7 @@ def save_run(
     manifest = {
         "format": RUN_FORMAT,
         "version": RUN_VERSION,
-        "source": source.to_dict(),
+        "source": source.with_absolute_paths().to_dict(),
         "config": model.config.to_dict(),
     }
     (folder / "qpp.json").write_text(json.dumps(manifest, indent=2))
@@ -111,20 +133,43 @@ def read_run(folder: Path) -> RunRecord:
         raise EncodingsError(
             f"a JSON file in {folder} is corrupt ({error}); quantize again"
         ) from None
-    if manifest.get("format") != RUN_FORMAT:
-        raise EncodingsError(f"{folder}/qpp.json is not a qpp run manifest")
+    if not isinstance(manifest, dict) or manifest.get("format") != RUN_FORMAT:
+        raise EncodingsError(
+            f"{folder}/qpp.json is not a qpp run manifest; pass a folder written by qpp quantize"
+        )
+    if not isinstance(manifest.get("source"), dict) or not isinstance(manifest.get("config"), dict):
+        raise EncodingsError(
+            f"{folder}/qpp.json lacks its 'source' or 'config' object; quantize again"
+        )
+    if not isinstance(encodings, dict) or not all(isinstance(v, dict) for v in encodings.values()):
+        raise EncodingsError(
+            f"{folder}/encodings.json is not an object of quantizer encodings; quantize again"
+        )
+    if "model" not in manifest["source"]:
+        raise EncodingsError(f"{folder}/qpp.json names no model; quantize again")
+    try:
+        config = QuantConfig.from_dict(manifest["config"])
+    except (TypeError, AttributeError) as error:
+        raise EncodingsError(
+            f"{folder}/qpp.json holds a config value of the wrong type ({error}); quantize again"
+        ) from None
     return RunRecord(
         SourceSpec.from_dict(manifest["source"]),
-        QuantConfig.from_dict(manifest["config"]),
+        config,
         encodings,
-        report,
+        report if isinstance(report, dict) else {},
         folder,
     )
 
 
 def load_weights(model: QuantizedModel, folder: Path) -> None:
     """Load ``weights.safetensors`` into the graph; every name and shape must match."""
-    weights = load_file(str(folder / "weights.safetensors"))
+    try:
+        weights = load_file(str(folder / "weights.safetensors"))
+    except Exception as error:  # safetensors raises its own unexported error type
+        raise EncodingsError(
+            f"{folder}/weights.safetensors is not readable ({error}); quantize again"
+        ) from None
     expected = graph_weights(model)
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))
@@ -137,9 +182,42 @@ def load_weights(model: QuantizedModel, folder: Path) -> None:
         if value.shape != expected[key].shape:
             raise EncodingsError(
                 f"weight '{key}' has shape {tuple(value.shape)} in {folder} but "
-                f"{tuple(expected[key].shape)} in the model"
+                f"{tuple(expected[key].shape)} in the model; evaluate the folder with the model "
+                "it was made from"
             )
     model.graph_module.load_state_dict(weights, strict=False)
+
+
+def check_encoding_sizes(model: QuantizedModel, encodings: dict[str, dict[str, Any]]) -> None:
+    """Each encoding must hold one scale and zero point per tensor, or one per channel of the
+    weight it quantizes, as its spec says; otherwise it was computed for another model."""
+    known = set(model.names)
+    for name, data in encodings.items():
+        spec, scale, zero_point = data.get("spec"), data.get("scale"), data.get("zero_point")
+        if name not in known or not isinstance(spec, dict):
+            continue  # unknown names and malformed entries are reported by load_encodings
+        if not isinstance(scale, list) or not isinstance(zero_point, list):
+            continue
+        if spec.get("granularity") != "per-channel":
+            expected: int | None = 1
+        elif model.quantizer(name).kind.value == "weight":
+            weight, axis = model.weight(name), spec.get("axis")
+            if not isinstance(axis, int) or not -weight.ndim <= axis < weight.ndim:
+                raise EncodingsError(
+                    f"encoding of '{name}' has channel axis {axis}, but its weight has "
+                    f"{weight.ndim} dimensions; it belongs to another model, quantize again"
+                )
+            expected = weight.shape[axis]
+        else:
+            expected = None  # an activation's channel count is known only when it runs
+        wanted = len(scale) if expected is None else expected
+        if len(scale) != wanted or len(zero_point) != wanted:
+            raise EncodingsError(
+                f"encoding of '{name}' has {len(scale)} scales and {len(zero_point)} zero "
+                f"points but the model needs {wanted}; "
+                "it belongs to another model, so evaluate the folder with the model it was "
+                "made from or quantize again"
+            )
 
 
 def remove_folder(folder: Path) -> None:

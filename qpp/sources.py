@@ -36,6 +36,21 @@ class SourceSpec:
     def from_dict(cls, data: dict[str, Any]) -> SourceSpec:
         return cls(data["model"], data.get("calibration"), data.get("evaluation"))
 
+    def with_absolute_paths(self) -> SourceSpec:
+        """This spec with its existing files as absolute paths (zoo names kept), so a run
+        folder can be evaluated again from any working directory."""
+        model = self.model
+        head, sep, function = model.rpartition(":")
+        if sep and head.endswith(".py") and Path(head).is_file():
+            model = f"{Path(head).absolute()}:{function}"
+        elif Path(model).exists():
+            model = str(Path(model).absolute())
+        return SourceSpec(
+            model,
+            None if self.calibration is None else str(Path(self.calibration).absolute()),
+            None if self.evaluation is None else str(Path(self.evaluation).absolute()),
+        )
+
 
 def resolve_source(spec: SourceSpec) -> ZooEntry:
     """The zoo entry ``spec.model`` names, or a ``UserModel`` over the user's files."""
@@ -130,7 +145,14 @@ def load_npz(
         raise DataError(f"data file {path} does not exist; pass an .npz written by numpy.savez")
     try:
         archive = np.load(path, allow_pickle=False)
+        if isinstance(archive, np.ndarray):
+            raise DataError(
+                f"{path} holds one bare array (.npy), not named arrays; "
+                "write it with numpy.savez(path, x=...)"
+            )
         arrays = {key: archive[key] for key in archive.files}
+    except DataError:
+        raise
     except Exception as error:
         raise DataError(
             f"{path} is not a readable .npz file ({type(error).__name__}: {error}); "
@@ -139,8 +161,9 @@ def load_npz(
     keys = names if len(names) != 1 else [names[0] if names[0] in arrays else "x"]
     missing = [k for k in keys if k not in arrays]
     if missing:
+        wanted = f"'{names[0]}' (or 'x')" if len(names) == 1 else f"'{missing[0]}'"
         raise DataError(
-            f"{path.name} has no array '{missing[0]}' (it has: {', '.join(arrays) or 'nothing'}); "
+            f"{path.name} has no array {wanted} (it has: {', '.join(arrays) or 'nothing'}); "
             f"key the inputs by the model's input names {names}"
             + (" or x" if len(names) == 1 else "")
         )
@@ -160,7 +183,15 @@ def load_npz(
         )
     labels = None
     if "y" in arrays:
-        labels = torch.from_numpy(np.asarray(arrays["y"])).long().reshape(-1)
+        y = np.asarray(arrays["y"])
+        if y.dtype.kind not in "iub" and not (
+            y.dtype.kind == "f" and np.isfinite(y).all() and (y == np.round(y)).all()
+        ):
+            raise DataError(
+                f"{path.name}: labels y have dtype {y.dtype} with non-integer values; "
+                "give class indices as integers (y.astype(numpy.int64))"
+            )
+        labels = torch.from_numpy(y.astype(np.int64)).reshape(-1)
         if labels.shape[0] != tensors[0].shape[0]:
             raise DataError(
                 f"{path.name}: y has {labels.shape[0]} labels for "

@@ -186,9 +186,26 @@ def grid_search_range(
     return best_lo * lo, best_hi * hi
 
 
+#: Bins the MSE search evaluates on: the error integral is exact per bin, so merging the
+#: observer's bins in groups costs little accuracy and makes the search several times faster.
+SEARCH_BINS = 512
+
+
+def coarsened(histogram: HistogramObserver, bins: int) -> HistogramObserver:
+    """The same histogram with adjacent bins summed down to ``bins`` (a divisor of its count)."""
+    assert histogram.counts is not None
+    if histogram.bins <= bins or histogram.bins % bins:
+        return histogram
+    merged = HistogramObserver(histogram.axis, bins)
+    merged.lo, merged.hi = histogram.lo, histogram.hi
+    merged.counts = histogram.counts.reshape(histogram.counts.shape[0], bins, -1).sum(dim=2)
+    return merged
+
+
 def mse_range(histogram: HistogramObserver, grid: Grid, p: float = 2.0) -> Range:
     """``argmin_{q_min, q_max} E|V - V̂|^p`` by grid search (white paper §3.1, MSE range)."""
     assert histogram.lo is not None and histogram.hi is not None
+    histogram = coarsened(histogram, SEARCH_BINS)
     return grid_search_range(
         lambda c_lo, c_hi: histogram_lp_error(histogram, c_lo, c_hi, grid, p),
         histogram.lo,

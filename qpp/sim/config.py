@@ -123,7 +123,7 @@ class QuantConfig:
         given = data.pop("overrides", None) or {}
         if not isinstance(given, dict):
             raise ConfigError(
-                'overrides must be an object mapping quantizer names or globs to settings, e.g. '
+                "overrides must be an object mapping quantizer names or globs to settings, e.g. "
                 '{"*.query.output": {"bits": 16}}'
             )
         for key, value in given.items():

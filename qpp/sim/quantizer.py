@@ -7,7 +7,7 @@ from enum import StrEnum
 import torch
 
 from qpp.errors import EncodingsError
-from qpp.quant.affine import choose_qparams, fake_quantize, integer_range
+from qpp.quant.affine import IntegerTensor, choose_qparams, fake_quantize, integer_range
 from qpp.quant.ranges import Grid, activation_range, make_observers, weight_range
 from qpp.quant.spec import QuantSpec
 
@@ -120,6 +120,12 @@ class Quantizer(torch.nn.Module):
         self.calibrated = True
         self.mode = Mode.QUANTIZE
         self._cached = None
+
+    def integer(self, x: torch.Tensor) -> IntegerTensor:
+        """The integer view of ``x`` under this quantizer's encoding (values, scale, zero point)."""
+        return IntegerTensor.from_float(
+            x.detach(), self.scale, self.zero_point, self.spec.bits, self.spec.is_signed, self.axis
+        )
 
     # --- forward ------------------------------------------------------------------------------
 

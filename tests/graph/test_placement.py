@@ -85,7 +85,7 @@ def test_runtime_policy_on_attention() -> None:
 
 
 def test_full_policy_quantizes_every_float_activation() -> None:
-    graph_module, runtime = _placed(Attention(), torch.randn(2, 5, 16))
+    _, runtime = _placed(Attention(), torch.randn(2, 5, 16))
     _, full = _placed(Attention(), torch.randn(2, 5, 16), policy="full")
     assert len(full.activations) > len(runtime.activations)
     assert {s.name for s in full.weights} == {s.name for s in runtime.weights}

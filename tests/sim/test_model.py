@@ -118,3 +118,12 @@ def test_weights_are_quantized_per_output_channel(model: nn.Module, data: list) 
     levels = torch.round(conv(weight) / conv.scale.reshape(-1, 1, 1, 1))
     assert levels.min() >= -128 and levels.max() <= 127
     assert torch.allclose(levels * conv.scale.reshape(-1, 1, 1, 1), conv(weight))
+
+
+def test_integer_view_matches_fake_quantization(model: nn.Module, data: list) -> None:
+    quantized = quantize(model, data)
+    conv = quantized.quantizer("conv.weight")
+    weight = quantized.weight("conv.weight")
+    integer = conv.integer(weight)
+    assert integer.values.dtype == torch.int32
+    assert torch.equal(integer.dequantize(), conv(weight))
