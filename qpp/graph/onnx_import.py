@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.version_converter
 import onnx_ir
 import torch
 import torch.nn.functional as F
@@ -78,6 +79,8 @@ def load_onnx(
     if input_shapes is not None:
         _fix_input_shapes(model, input_shapes)
     model = fold_shape_computations(_lift_constants(model))
+    model = _downgrade_opset_if_needed(model)
+    _drop_irrelevant_allowzero(model)
     _check_converters_exist(model)
     with _export_friendly_converters():
         try:
@@ -111,6 +114,40 @@ def _opset_versions(model: onnx.ModelProto) -> dict[str, int]:
         ("" if entry.domain == "ai.onnx" else entry.domain): entry.version
         for entry in model.opset_import
     }
+
+
+def _missing_converters(model: onnx.ModelProto) -> list[str]:
+    versions = _opset_versions(model)
+    missing = []
+    for node in model.graph.node:
+        try:
+            registry.get_converter(node.op_type, versions.get(node.domain, 1), node.domain)
+        except NotImplementedError:
+            missing.append(node.op_type)
+    return missing
+
+
+def _downgrade_opset_if_needed(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Convert a model from a newer opset than onnx2torch knows to the newest one it does.
+
+    torch's dynamo exporter writes opset 18-20, where onnx2torch lacks some converters (e.g.
+    Reshape-19) although the op means the same; ONNX's version converter rewrites the file to
+    an older opset, and the result is kept only if every op then has a converter.
+    """
+    if not _missing_converters(model):
+        return model
+    current = _opset_versions(model).get("", 1)
+    for target in (18, 17, 16, 15, 14, 13):
+        if target >= current:
+            continue
+        try:
+            converted = onnx.version_converter.convert_version(model, target)
+        except Exception:  # a target opset the converter cannot reach
+            continue
+        if not _missing_converters(converted):
+            logger.info("converted the ONNX model from opset %d to %d", current, target)
+            return converted
+    return model
 
 
 def _check_converters_exist(model: onnx.ModelProto) -> None:
@@ -305,9 +342,12 @@ def _constant_for(
     first = values[0]
     if all(np.array_equal(first, other) for other in values[1:]):
         return first
-    allow_zero = any(a.name == "allowzero" and a.i for a in node.attribute)
-    if node.op_type != "Reshape" or index != 1 or allow_zero or first.ndim != 1:
+    if node.op_type != "Reshape" or index != 1 or first.ndim != 1:
         return None
+    if _allows_zero(node):
+        if any((value == 0).any() for value in values):
+            return None
+        _drop_allowzero(node)  # no 0 in the shape: allowzero changes nothing
     data_shapes = [probe[f"{node.input[0]}__probe_shape"] for probe in probes]
     target = first.copy()
     varying = np.flatnonzero(np.any(np.stack(values) != first, axis=0))
@@ -320,6 +360,30 @@ def _constant_for(
             return None
         target[axis] = 0
     return target
+
+
+def _allows_zero(node: onnx.NodeProto) -> bool:
+    return any(a.name == "allowzero" and a.i for a in node.attribute)
+
+
+def _drop_allowzero(node: onnx.NodeProto) -> None:
+    kept = [a for a in node.attribute if a.name != "allowzero"]
+    del node.attribute[:]
+    node.attribute.extend(kept)
+
+
+def _drop_irrelevant_allowzero(model: onnx.ModelProto) -> None:
+    """Drop ``allowzero=1`` from Reshapes whose constant shape has no 0 (it changes nothing
+    there, and onnx2torch refuses the attribute; torch's exporter sets it everywhere)."""
+    constants = {init.name: init for init in model.graph.initializer}
+    for node in model.graph.node:
+        if (
+            node.op_type == "Reshape"
+            and _allows_zero(node)
+            and node.input[1] in constants
+            and (numpy_helper.to_array(constants[node.input[1]]) != 0).all()
+        ):
+            _drop_allowzero(node)
 
 
 def _remove_dead_nodes(graph: onnx.GraphProto) -> None:

@@ -192,3 +192,22 @@ def test_any_rank_batch_norm_matches_functional(shape: tuple[int, ...]) -> None:
         x, norm.running_mean, norm.running_var, norm.weight, norm.bias, eps=norm.eps
     )
     torch.testing.assert_close(norm(x), expected)
+
+
+def test_file_from_torch_dynamo_exporter_converts(tmp_path: Path) -> None:
+    """torch's default exporter writes opset 18+ and Reshape(allowzero=1): both handled."""
+    import qpp
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 10)
+    ).eval()
+    x = torch.randn(3, 1, 8, 8)
+    path = tmp_path / "dynamo.onnx"
+    torch.onnx.export(
+        model, (x,), str(path), dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},)
+    )
+    converted = load_onnx(path, input_shapes=[(3, 1, 8, 8)])
+    torch.testing.assert_close(converted(x), model(x), rtol=1e-5, atol=1e-5)
+    quantized = qpp.quantize(converted, [(x,)])
+    assert quantized(torch.randn(5, 1, 8, 8)).shape == (5, 10)
