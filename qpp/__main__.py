@@ -1,0 +1,5 @@
+"""``python -m qpp``: the CLI."""
+
+from qpp.cli import main
+
+main()
