@@ -12,7 +12,6 @@ import torch
 from qpp.api import calibrate, limit_samples, prepare, run
 from qpp.data import check_batches
 from qpp.runs import (
-    check_encoding_sizes,
     load_weights,
     prepare_output,
     read_run,
@@ -169,7 +168,6 @@ def eval_job(folder: Path, show_progress: bool = True) -> tuple[JobResult, dict[
     batches = check_batches(entry.calibration_set(), "calibration")
     quantized = prepare(fp32, batches[0], record.config)
     load_weights(quantized, folder)
-    check_encoding_sizes(quantized, record.encodings)
     quantized.load_encodings(record.encodings)
     fp32_metrics, fp32_outputs, _ = evaluate_entry(entry, fp32, None, show_progress, "fp32")
     quantized_metrics, _, evaluate_seconds = evaluate_entry(

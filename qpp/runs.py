@@ -12,7 +12,6 @@ Nothing is pickled; an existing folder is never overwritten without ``force``.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,39 +185,3 @@ def load_weights(model: QuantizedModel, folder: Path) -> None:
                 "it was made from"
             )
     model.graph_module.load_state_dict(weights, strict=False)
-
-
-def check_encoding_sizes(model: QuantizedModel, encodings: dict[str, dict[str, Any]]) -> None:
-    """Each encoding must hold one scale and zero point per tensor, or one per channel of the
-    weight it quantizes, as its spec says; otherwise it was computed for another model."""
-    known = set(model.names)
-    for name, data in encodings.items():
-        spec, scale, zero_point = data.get("spec"), data.get("scale"), data.get("zero_point")
-        if name not in known or not isinstance(spec, dict):
-            continue  # unknown names and malformed entries are reported by load_encodings
-        if not isinstance(scale, list) or not isinstance(zero_point, list):
-            continue
-        if spec.get("granularity") != "per-channel":
-            expected: int | None = 1
-        elif model.quantizer(name).kind.value == "weight":
-            weight, axis = model.weight(name), spec.get("axis")
-            if not isinstance(axis, int) or not -weight.ndim <= axis < weight.ndim:
-                raise EncodingsError(
-                    f"encoding of '{name}' has channel axis {axis}, but its weight has "
-                    f"{weight.ndim} dimensions; it belongs to another model, quantize again"
-                )
-            expected = weight.shape[axis]
-        else:
-            expected = None  # an activation's channel count is known only when it runs
-        wanted = len(scale) if expected is None else expected
-        if len(scale) != wanted or len(zero_point) != wanted:
-            raise EncodingsError(
-                f"encoding of '{name}' has {len(scale)} scales and {len(zero_point)} zero "
-                f"points but the model needs {wanted}; "
-                "it belongs to another model, so evaluate the folder with the model it was "
-                "made from or quantize again"
-            )
-
-
-def remove_folder(folder: Path) -> None:
-    shutil.rmtree(folder, ignore_errors=True)

@@ -14,7 +14,6 @@ from qpp.api import prepare, quantize
 from qpp.errors import ConfigError, EncodingsError, OutputExistsError, QppError
 from qpp.runs import (
     FILES,
-    check_encoding_sizes,
     default_run_folder,
     load_weights,
     prepare_output,
@@ -159,7 +158,6 @@ def test_reloaded_model_reproduces_outputs_exactly(tmp_path: Path) -> None:
 
     rebuilt = prepare(_net(), _batches()[0], record.config)
     load_weights(rebuilt, tmp_path)
-    check_encoding_sizes(rebuilt, record.encodings)
     rebuilt.load_encodings(record.encodings)
     x = torch.rand(5, 1, 6, 6, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -239,27 +237,24 @@ def test_load_weights_refuses_foreign_or_broken_weights(saved: Path, wider: Quan
         load_weights(model, saved)
 
 
-def test_check_encoding_sizes(saved: Path, wider: QuantizedModel) -> None:
-    """Encodings of a model with other widths are refused by name, before they are loaded."""
+def test_load_encodings_checks_sizes(saved: Path, wider: QuantizedModel) -> None:
+    """Encodings of a model with other widths are refused by name."""
     record = read_run(saved)
     model = prepare(_net(), _batches()[0], record.config)
-    check_encoding_sizes(model, record.encodings)  # its own encodings fit
+    model.load_encodings(record.encodings)  # its own encodings fit
     weight_name = next(n for n in model.names if model.quantizer(n).kind.value == "weight")
     activation_name = next(n for n in model.names if model.quantizer(n).kind.value != "weight")
 
     with pytest.raises(EncodingsError, match=f"'{weight_name}' has 8 scales .* needs 4"):
-        check_encoding_sizes(model, wider.encodings())
+        model.load_encodings(wider.encodings())
 
     two_scales = json.loads(json.dumps(record.encodings))
     two_scales[activation_name]["scale"] *= 2
     two_scales[activation_name]["zero_point"] *= 2
     with pytest.raises(EncodingsError, match=f"'{activation_name}' has 2 scales .* needs 1"):
-        check_encoding_sizes(model, two_scales)
+        model.load_encodings(two_scales)
 
     bad_axis = json.loads(json.dumps(record.encodings))
     bad_axis[weight_name]["spec"]["axis"] = 5
     with pytest.raises(EncodingsError, match="channel axis 5"):
-        check_encoding_sizes(model, bad_axis)
-
-    # unknown names are left for load_encodings, which reports them all together
-    check_encoding_sizes(model, {"elsewhere.weight": record.encodings[weight_name]})
+        model.load_encodings(bad_axis)

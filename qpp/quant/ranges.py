@@ -398,14 +398,19 @@ def parse_estimator(estimator: str) -> tuple[str, float | None]:
         value = float(argument)
     except ValueError:
         raise ConfigError(
-            f"estimator argument '{argument}' in '{estimator}' is not a number"
+            f"estimator argument '{argument}' in '{estimator}' is not a number; "
+            f"write e.g. '{name}:{'99.9' if name == 'percentile' else '2.4'}'"
         ) from None
     if name not in ("percentile", "mse"):
         raise ConfigError(f"estimator '{name}' takes no argument; write just '{name}'")
     if name == "percentile" and not 50.0 < value <= 100.0:
-        raise ConfigError(f"percentile must be in (50, 100], got {value}")
+        raise ConfigError(
+            f"percentile must be in (50, 100], got {value}; write e.g. 'percentile:99.99'"
+        )
     if name == "mse" and not 0 < value < math.inf:
-        raise ConfigError(f"the Lp norm of mse must be positive and finite, got {value}")
+        raise ConfigError(
+            f"the Lp norm of mse must be positive and finite, got {value}; write e.g. 'mse:2'"
+        )
     return name, value
 
 

@@ -27,6 +27,14 @@ class LayerOverride:
         return {k: v for k, v in asdict(self).items() if v is not None and k != "enabled"}
 
 
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "int | None": (int,),
+    "str": (str,),
+    "bool": (bool,),
+}
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """How to quantize: defaults for weights and activations, placement, per-layer overrides.
@@ -49,6 +57,7 @@ class QuantConfig:
     overrides: dict[str, LayerOverride] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.policy not in POLICIES:
             raise ConfigError(
                 f"unknown placement policy '{self.policy}'; use one of {', '.join(POLICIES)}"
@@ -61,6 +70,20 @@ class QuantConfig:
             if not isinstance(override, LayerOverride):
                 raise ConfigError(f"override for '{pattern}' must be a LayerOverride")
             QuantSpec(**{**self.activation_spec().to_dict(), **override.changes()})
+
+    def _check_types(self) -> None:
+        """Settings given through the API or JSON must have the field's type (bool is not int)."""
+        for item in fields(self):
+            value = getattr(self, item.name)
+            expected = _FIELD_TYPES.get(str(item.type))
+            if expected is None or (value is None and "None" in str(item.type)):
+                continue
+            if type(value) not in expected:
+                names = " or ".join(t.__name__ for t in expected)
+                raise ConfigError(
+                    f"config setting {item.name} must be {names}, got {value!r} "
+                    f"({type(value).__name__}); e.g. {item.name}={item.default!r}"
+                )
 
     def weight_spec(self, axis: int | None) -> QuantSpec:
         return QuantSpec(

@@ -233,8 +233,34 @@ class QuantizedModel(torch.nn.Module):
                 zero_point = torch.tensor(data["zero_point"], dtype=torch.float32)
             except (KeyError, TypeError, ValueError) as error:
                 raise EncodingsError(f"encoding of '{name}' is malformed ({error})") from None
+            self._check_encoding_size(name, scale, zero_point)
             if quantizer.axis is None:
                 scale, zero_point = scale.reshape(()), zero_point.reshape(())
             if data.get("calibrated", True):
                 quantizer.set_encoding(scale, zero_point)
             quantizer.enabled = bool(data.get("enabled", True))
+
+    def _check_encoding_size(
+        self, name: str, scale: torch.Tensor, zero_point: torch.Tensor
+    ) -> None:
+        """One scale and zero point per tensor, or one per channel of the quantized weight."""
+        quantizer = self._by_name[name]
+        if quantizer.axis is None:
+            expected: int | None = 1
+        elif quantizer.kind is QuantizerKind.WEIGHT:
+            weight, axis = self.weight(name), quantizer.axis
+            if not -weight.ndim <= axis < weight.ndim:
+                raise EncodingsError(
+                    f"encoding of '{name}' has channel axis {axis}, but its weight has "
+                    f"{weight.ndim} dimensions; it belongs to another model, quantize again"
+                )
+            expected = weight.shape[axis]
+        else:
+            expected = None  # an activation's channel count is known only when it runs
+        wanted = scale.numel() if expected is None else expected
+        if scale.numel() != wanted or zero_point.numel() != wanted:
+            raise EncodingsError(
+                f"encoding of '{name}' has {scale.numel()} scales and {zero_point.numel()} zero "
+                f"points but the model needs {wanted}; it belongs to another model, so load it "
+                "into the model it was made from or quantize again"
+            )
