@@ -21,6 +21,7 @@ from qpp.errors import ConfigError, QppError
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    pretty_exceptions_enable=False,
     help="qpp: post-training quantization of PyTorch models, simulated and evaluated.",
 )
 stdout = Console()
@@ -154,6 +155,27 @@ def quantize(
     list_quantizers: Annotated[
         bool, typer.Option(help="print the quantizer names and exit")
     ] = False,
+    activation_ranges: Annotated[
+        str, typer.Option(help="activation QPs: static, dynamic (per input) or predicted (QPP)")
+    ] = "static",
+    scheme: Annotated[
+        str, typer.Option(help="uniform, or dense-sparse (outliers stay in float)")
+    ] = "uniform",
+    outlier_fraction: Annotated[
+        float, typer.Option(help="dense-sparse: fraction of each tensor kept in float")
+    ] = 0.01,
+    dynamic_estimator: Annotated[
+        str, typer.Option(help="per-input range of dynamic/predicted uniform QPs")
+    ] = "mse",
+    predictor_features: Annotated[
+        str, typer.Option(help="QP predictor inputs: mean, max, std, qP (quantiles of |x|)")
+    ] = "mean,max,q0.9,q0.99,q0.999",
+    predictor_sources: Annotated[
+        str, typer.Option(help="quantizers whose inputs feed predictors (default: the first)")
+    ] = "",
+    compare: Annotated[
+        bool, typer.Option(help="also evaluate static, predicted and dynamic QPs; one table")
+    ] = False,
 ) -> None:
     """Quantize MODEL, evaluate it against FP32, and save encodings, weights and a report."""
     _quiet_libraries()
@@ -188,6 +210,12 @@ def quantize(
             fold_batch_norm=fold_bn,
             calibration_samples=calib_samples,
             overrides=overrides,
+            activation_ranges=activation_ranges,
+            activation_scheme=scheme,
+            outlier_fraction=outlier_fraction,
+            dynamic_estimator=dynamic_estimator,
+            predictor_features=predictor_features,
+            predictor_sources=predictor_sources,
         )
     source = SourceSpec(
         model,
@@ -198,7 +226,9 @@ def quantize(
         _print_quantizers(source, quant_config)
         return
     folder = out if out is not None else default_run_folder(model)
-    result, _ = quantize_job(source, quant_config, folder, force, show_progress=not quiet)
+    result, _ = quantize_job(
+        source, quant_config, folder, force, show_progress=not quiet, compare=compare
+    )
     _show(result.as_dict(), json_output, f"qpp quantize {model}")
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,13 @@ import torch
 
 from qpp.api import calibrate, limit_samples, prepare, run
 from qpp.data import check_batches
+from qpp.predict import (
+    ActivationQPs,
+    configure_activation_qps,
+    load_activation_qps,
+    settings_from_config,
+)
+from qpp.predict.cost import model_flops
 from qpp.runs import (
     load_weights,
     prepare_output,
@@ -92,18 +99,73 @@ def evaluate_entry(
     return metrics, outputs, seconds
 
 
+def evaluate_quantized(
+    entry: ZooEntry,
+    quantized: QuantizedModel,
+    activation_qps: ActivationQPs | None,
+    reference: torch.Tensor,
+    show_progress: bool,
+    label: str = "quantized",
+) -> tuple[dict[str, float], torch.Tensor, float, dict[str, Any] | None]:
+    """Evaluate, and for Dense+Sparse also the achieved outlier fraction per layer."""
+    if activation_qps is None or activation_qps.settings.scheme != "dense-sparse":
+        return (*evaluate_entry(entry, quantized, reference, show_progress, label), None)
+    with activation_qps.tracking_density() as layers:
+        metrics, outputs, seconds = evaluate_entry(
+            entry, quantized, reference, show_progress, label
+        )
+    densities = {
+        "target": activation_qps.settings.outlier_fraction,
+        "mean": sum(layer.mean for layer in layers) / max(1, len(layers)),
+        "std_over_inputs": sum(layer.std for layer in layers) / max(1, len(layers)),
+        "layers": {layer.name: [round(layer.mean, 6), round(layer.std, 6)] for layer in layers},
+    }
+    return metrics, outputs, seconds, densities
+
+
+def compare_modes(
+    entry: ZooEntry,
+    quantized: QuantizedModel,
+    activation_qps: ActivationQPs,
+    fp32: torch.nn.Module,
+    reference: torch.Tensor,
+    batch: tuple[torch.Tensor, ...],
+    show_progress: bool,
+) -> dict[str, Any]:
+    """Static, predicted and dynamic QPs evaluated side by side (QPP's comparison)."""
+    flops = model_flops(fp32, batch)
+    overhead = activation_qps.overhead_flops(batch)
+    rows: dict[str, Any] = {}
+    for mode in ("static", "predicted", "dynamic"):
+        activation_qps.set_mode(mode)
+        metrics, _, seconds, densities = evaluate_quantized(
+            entry, quantized, activation_qps, reference, show_progress, mode
+        )
+        cost = {"static": 0, "predicted": overhead["predictor"], "dynamic": overhead["dynamic"]}
+        rows[mode] = {
+            "metrics": metrics,
+            "seconds": round(seconds, 3),
+            "overhead_flops": cost[mode],
+            "overhead_percent": round(100.0 * cost[mode] / max(1, flops), 4),
+        }
+        if densities is not None:
+            rows[mode]["outlier_density"] = {k: v for k, v in densities.items() if k != "layers"}
+    return {"model_flops": flops, "modes": rows}
+
+
 def quantize_job(
     source: SourceSpec,
     config: QuantConfig,
     output_dir: Path | None,
     force: bool = False,
     show_progress: bool = True,
+    compare: bool = False,
 ) -> tuple[JobResult, QuantizedModel]:
     """Quantize ``source`` with ``config``, evaluate FP32 and quantized, save to ``output_dir``."""
     started = time.perf_counter()
     created = prepare_output(output_dir, force) if output_dir is not None else None
     try:
-        result, quantized = _quantize(source, config, show_progress)
+        result, quantized, activation_qps = _quantize(source, config, show_progress, compare)
     except BaseException:
         if created is not None and output_dir is not None:  # leave no empty folders behind
             remove_unused_output(output_dir, created)
@@ -112,14 +174,17 @@ def quantize_job(
         result.output_dir = str(output_dir)
         result.seconds["total"] = round(time.perf_counter() - started, 3)
         save_run(output_dir, source, quantized, result.as_dict())
+        if activation_qps is not None:
+            activation_qps.save(output_dir)
     result.seconds["total"] = round(time.perf_counter() - started, 3)
     return result, quantized
 
 
 def _quantize(
-    source: SourceSpec, config: QuantConfig, show_progress: bool
-) -> tuple[JobResult, QuantizedModel]:
+    source: SourceSpec, config: QuantConfig, show_progress: bool, compare: bool
+) -> tuple[JobResult, QuantizedModel, ActivationQPs | None]:
     # Capture and check the overrides before evaluating anything, so bad input fails fast.
+    qp_settings = settings_from_config(config)
     entry = resolve_source(source)
     fp32 = entry.load_model()
     calibration_start = time.perf_counter()
@@ -133,11 +198,26 @@ def _quantize(
 
     calibration_start = time.perf_counter()
     calibrate(quantized, batches, show_progress)
+    activation_qps = None
+    if qp_settings.needs_per_sample or compare:
+        fitted = replace(qp_settings, mode="predicted") if compare else qp_settings
+        activation_qps = configure_activation_qps(quantized, batches, fitted, show_progress)
     calibrate_seconds = prepare_seconds + time.perf_counter() - calibration_start
 
-    quantized_metrics, _, evaluate_seconds = evaluate_entry(
-        entry, quantized, fp32_outputs, show_progress, "quantized"
+    extra: dict[str, Any] = {"quantizers": len(quantized.names)}
+    if compare and activation_qps is not None:
+        extra["compare"] = compare_modes(
+            entry, quantized, activation_qps, fp32, fp32_outputs, batches[0], show_progress
+        )
+        activation_qps.set_mode(qp_settings.mode)
+    quantized_metrics, _, evaluate_seconds, densities = evaluate_quantized(
+        entry, quantized, activation_qps, fp32_outputs, show_progress
     )
+    if densities is not None:
+        extra["outlier_density"] = densities
+    if activation_qps is not None and activation_qps.fit_r_squared:
+        r2 = list(activation_qps.fit_r_squared.values())
+        extra["predictor_r_squared"] = {"min": min(r2), "median": sorted(r2)[len(r2) // 2]}
     result = JobResult(
         model=source.model,
         config=config,
@@ -150,9 +230,9 @@ def _quantize(
         },
         output_dir=None,
         primary_metric=entry.primary_metric,
-        extra={"quantizers": len(quantized.names)},
+        extra=extra,
     )
-    return result, quantized
+    return result, quantized, activation_qps
 
 
 def eval_job(folder: Path, show_progress: bool = True) -> tuple[JobResult, dict[str, Any]]:
@@ -169,9 +249,15 @@ def eval_job(folder: Path, show_progress: bool = True) -> tuple[JobResult, dict[
     quantized = prepare(fp32, batches[0], record.config)
     load_weights(quantized, folder)
     quantized.load_encodings(record.encodings)
+    qp_settings = settings_from_config(record.config)
+    activation_qps = (
+        load_activation_qps(quantized, folder, qp_settings)
+        if qp_settings.needs_per_sample
+        else None
+    )
     fp32_metrics, fp32_outputs, _ = evaluate_entry(entry, fp32, None, show_progress, "fp32")
-    quantized_metrics, _, evaluate_seconds = evaluate_entry(
-        entry, quantized, fp32_outputs, show_progress, "quantized"
+    quantized_metrics, _, evaluate_seconds, _ = evaluate_quantized(
+        entry, quantized, activation_qps, fp32_outputs, show_progress
     )
     result = JobResult(
         model=record.source.model,

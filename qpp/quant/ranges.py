@@ -330,26 +330,46 @@ def weight_range(weight: torch.Tensor, axis: int | None, estimator: str, grid: G
 def _weight_mse_range(
     rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, grid: Grid, p: float
 ) -> Range:
-    """Exact per-channel Lp error of each candidate range on the weight values."""
+    # Weights rarely need clipping below 10 % of their extreme: a shorter search suffices.
+    return rows_mse_range(rows, lo, hi, grid, p, smallest=0.1, coarse=12, fine=6)
+
+
+def rows_mse_range(
+    rows: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    grid: Grid,
+    p: float = 2.0,
+    smallest: float = 0.005,
+    coarse: int = 24,
+    fine: int = 7,
+) -> Range:
+    """Per row of ``rows`` (``[C, M]``), the shrunken copy of ``[lo, hi]`` with the least exact
+    Lp quantization error on the row's values (white paper §3.1, MSE range setting)."""
+
+    chunk = max(1, 2**22 // rows.numel())
 
     def error(c_lo: torch.Tensor, c_hi: torch.Tensor) -> torch.Tensor:
         scale, zero_point = grid.qparams(c_lo, c_hi)
-        return torch.stack(
-            [_row_lp_error(rows, scale[k], zero_point[k], grid, p) for k in range(scale.shape[0])]
+        return torch.cat(
+            [
+                _row_lp_error(rows, scale[k : k + chunk], zero_point[k : k + chunk], grid, p)
+                for k in range(0, scale.shape[0], chunk)
+            ]
         )
 
-    # Weights rarely need clipping below 10 % of their extreme: a shorter search suffices.
-    return grid_search_range(error, lo, hi, grid.symmetric, smallest=0.1, coarse=12, fine=6)
+    return grid_search_range(error, lo, hi, grid.symmetric, smallest, coarse, fine)
 
 
 def _row_lp_error(
     rows: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, grid: Grid, p: float
 ) -> torch.Tensor:
+    """Lp error of each row ``[C, M]`` under each of ``K`` candidate encodings ``[K, C]``."""
     qmin, qmax = integer_range(grid.bits, grid.signed)
-    scale, zero_point = scale[:, None], zero_point[:, None]
+    scale, zero_point = scale[..., None], zero_point[..., None]
     error = torch.round(rows / scale).add_(zero_point).clamp_(qmin, qmax).sub_(zero_point)
     error.mul_(scale).sub_(rows).abs_()
-    return (error.square_() if p == 2.0 else error.pow_(p)).sum(dim=1)
+    return (error.square_() if p == 2.0 else error.pow_(p)).sum(dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------

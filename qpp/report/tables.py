@@ -40,5 +40,31 @@ def result_table(result: dict[str, Any], title: str) -> Table:
     return table
 
 
+def compare_table(compare: dict[str, Any], primary_metric: str) -> Table:
+    """Static vs predicted vs dynamic activation QPs (``qpp quantize --compare``)."""
+    table = Table(title="activation QPs: static vs predicted vs dynamic", title_justify="left")
+    for column in (
+        "mode",
+        primary_metric,
+        "outlier density (mean ± std over inputs)",
+        "overhead (% of model FLOPs)",
+        "evaluate (s)",
+    ):
+        table.add_column(column, justify="right")
+    for mode, row in compare["modes"].items():
+        density = row.get("outlier_density")
+        table.add_row(
+            mode,
+            _format(row["metrics"][primary_metric]),
+            f"{density['mean']:.5f} ± {density['std_over_inputs']:.5f}" if density else "-",
+            f"{row['overhead_percent']:.4f}",
+            f"{row['seconds']:.1f}",
+        )
+    return table
+
+
 def print_result(result: dict[str, Any], title: str, console: Console | None = None) -> None:
-    (console or Console()).print(result_table(result, title))
+    console = console or Console()
+    console.print(result_table(result, title))
+    if "compare" in result:
+        console.print(compare_table(result["compare"], result["primary_metric"]))

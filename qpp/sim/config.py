@@ -32,6 +32,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "int | None": (int,),
     "str": (str,),
     "bool": (bool,),
+    "float": (float, int),
 }
 
 
@@ -55,6 +56,17 @@ class QuantConfig:
     fold_batch_norm: bool = True
     calibration_samples: int | None = None
     overrides: dict[str, LayerOverride] = field(default_factory=dict)
+    #: Activation QPs (QPP): static (calibrated), dynamic (per input) or predicted per input.
+    activation_ranges: str = "static"
+    #: uniform, or dense-sparse (a fraction ``outlier_fraction`` of each tensor stays float).
+    activation_scheme: str = "uniform"
+    outlier_fraction: float = 0.01
+    #: Per-sample range estimator of dynamic uniform QPs: minmax, percentile[:P] or mse[:p].
+    dynamic_estimator: str = "mse"
+    #: Comma-separated statistics the QP predictor reads (mean, max, std, qP of |x|).
+    predictor_features: str = "mean,max,q0.9,q0.99,q0.999"
+    #: Comma-separated quantizers whose inputs feed a predictor ("" = the first one).
+    predictor_sources: str = ""
 
     def __post_init__(self) -> None:
         self._check_types()

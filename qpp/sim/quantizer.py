@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import StrEnum
 
 import torch
@@ -49,6 +50,9 @@ class Quantizer(torch.nn.Module):
         self.calibrated = False
         self._statistics: dict[str, object] = {}
         self._cached: tuple[torch.Tensor, tuple[object, ...], torch.Tensor] | None = None
+        #: When set, replaces the static fake-quantization of an activation with per-sample QPs
+        #: (dynamic or predicted; see ``qpp.predict``).
+        self.per_sample: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     # --- configuration ------------------------------------------------------------------------
 
@@ -135,6 +139,8 @@ class Quantizer(torch.nn.Module):
         if self.mode is Mode.OBSERVE:
             self.observe(x)
             return x
+        if self.per_sample is not None:
+            return self.per_sample(x)
         if self.kind is QuantizerKind.WEIGHT and not torch.is_grad_enabled():
             return self._cached_weight(x)
         return fake_quantize(

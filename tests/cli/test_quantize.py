@@ -228,3 +228,49 @@ def test_default_out_is_a_new_folder_under_runs(
     assert json.loads(result.stdout)["output_dir"] == os.path.join("runs", "classifier-2")
     assert sorted(p.name for p in (tmp_path / "runs" / "classifier-2").iterdir()) == sorted(FILES)
     assert (tmp_path / "runs" / "classifier-1" / "keep.txt").read_text() == "earlier run"
+
+
+def test_predicted_dense_sparse_with_compare(qpp, user_classifier, tmp_path: Path) -> None:
+    """QPP from the command line: one table of static, predicted and dynamic, a saved
+    predictor, and an eval that reproduces the metrics."""
+    run = tmp_path / "qpp-run"
+    result = qpp(
+        "quantize",
+        *user_classifier.args(),
+        "--activations",
+        "4",
+        "--activation-ranges",
+        "predicted",
+        "--scheme",
+        "dense-sparse",
+        "--outlier-fraction",
+        "0.02",
+        "--compare",
+        "--json",
+        "--out",
+        run,
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    modes = data["compare"]["modes"]
+    assert list(modes) == ["static", "predicted", "dynamic"]
+    for row in modes.values():
+        assert set(row["metrics"]) == {"top1", "output_cosine"}
+        assert 0.0 <= row["outlier_density"]["mean"] <= 1.0
+    assert modes["dynamic"]["outlier_density"]["mean"] <= 0.02 + 1e-6  # exact thresholds
+    assert modes["static"]["overhead_flops"] == 0
+    # on a 64-input MLP the features cost more than min/max reductions; both are counted
+    assert modes["predicted"]["overhead_percent"] > 0 and modes["dynamic"]["overhead_flops"] > 0
+    assert data["metrics"]["quantized"] == modes["predicted"]["metrics"]
+    assert data["outlier_density"]["target"] == 0.02
+    assert (run / "activation_qps.json").is_file()
+    assert (run / "activation_qps.safetensors").is_file()
+
+    evaluated = qpp("eval", run, "--json")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.stdout)["reproduced"] is True
+
+
+def test_bad_activation_range_mode_is_a_user_error(qpp, user_error, user_classifier) -> None:
+    result = qpp("quantize", *user_classifier.args(), "--activation-ranges", "adaptive")
+    user_error(result, "unknown activation-range mode 'adaptive'", "static, dynamic or predicted")

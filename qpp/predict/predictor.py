@@ -1,0 +1,153 @@
+"""The QP predictor: cheap statistics of an early tensor -> every layer's activation QPs.
+
+QPP (Kryzhanovskiy et al. 2021) maps features of the network input (or of an early activation)
+to the quantization parameters of all later layers with one linear regression, fitted by least
+squares on unlabeled calibration data. Here the features are per-sample statistics (mean, max,
+quantiles of |x|), the targets are the logs of the exact dynamic QPs (``-lo``, ``hi`` or the
+Dense+Sparse threshold ``t``), and the map is ridge regression on standardized features:
+
+    log q̂ = c + Σ_f a_f (φ_f - μ_f) / σ_f            (one row of ``weight`` per feature)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from qpp.errors import ConfigError
+
+DEFAULT_FEATURES = ("mean", "max", "q0.9", "q0.99", "q0.999")
+#: Positive statistics enter in log space, like the (log) QPs they predict.
+_LOG_FLOOR = 1e-12
+
+
+def check_feature_names(names: tuple[str, ...]) -> None:
+    if not names:
+        raise ConfigError("the predictor needs at least one feature; e.g. mean,max,q0.99")
+    for name in names:
+        if name in ("mean", "max", "std"):
+            continue
+        if name.startswith("q"):
+            try:
+                level = float(name[1:])
+            except ValueError:
+                level = -1.0
+            if 0.0 < level < 1.0:
+                continue
+        raise ConfigError(
+            f"unknown predictor feature '{name}'; use mean, max, std or a quantile of |x| "
+            "such as q0.99"
+        )
+
+
+def feature_flops(names: tuple[str, ...], elements: int) -> int:
+    """Operations to compute the features of one sample of ``elements`` values: one pass per
+    statistic (a selection for each quantile counts as two passes)."""
+    return sum((2 if name.startswith("q") else 1) * elements for name in names)
+
+
+def sample_features(x: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
+    """Per-sample features ``[N, F]`` of ``x`` (batch first): ``mean`` of ``x``; the logs of
+    ``max`` |x|, ``std`` and the quantiles ``qP`` of |x|."""
+    rows = x.detach().reshape(x.shape[0], -1).float()
+    magnitudes = rows.abs()
+    columns: list[torch.Tensor] = []
+    for name in names:
+        if name == "mean":
+            columns.append(rows.mean(dim=1))
+            continue
+        if name == "max":
+            value = magnitudes.amax(dim=1)
+        elif name == "std":
+            value = rows.std(dim=1, correction=0)
+        else:
+            k = min(rows.shape[1], max(1, math.ceil(float(name[1:]) * rows.shape[1])))
+            value = magnitudes.kthvalue(k, dim=1).values
+        columns.append(torch.log(value.clamp(min=_LOG_FLOOR)))
+    return torch.stack(columns, dim=1)
+
+
+@dataclass
+class LinearQPPredictor:
+    """Ridge regression from the features of ``source``'s input to log QPs (``targets``)."""
+
+    source: str
+    feature_names: tuple[str, ...]
+    #: (quantizer name, "lo" | "hi" | "threshold") per output column.
+    targets: list[tuple[str, str]]
+    feature_mean: torch.Tensor
+    feature_std: torch.Tensor
+    #: ``[1 + F, T]``: the intercepts, then one row per standardized feature.
+    weight: torch.Tensor
+
+    @classmethod
+    def fit(
+        cls,
+        source: str,
+        feature_names: tuple[str, ...],
+        targets: list[tuple[str, str]],
+        features: torch.Tensor,
+        log_qps: torch.Tensor,
+        ridge: float = 1e-3,
+    ) -> LinearQPPredictor:
+        """Least squares with an L2 penalty ``ridge * N`` on the slopes (not the intercepts)."""
+        features, log_qps = features.double(), log_qps.double()
+        mean = features.mean(dim=0)
+        std = features.std(dim=0, correction=0).clamp(min=1e-6)
+        design = torch.cat(
+            [torch.ones(len(features), 1, dtype=torch.float64), (features - mean) / std], dim=1
+        )
+        penalty = torch.eye(design.shape[1], dtype=torch.float64) * ridge * len(features)
+        penalty[0, 0] = 0.0
+        weight = torch.linalg.solve(design.T @ design + penalty, design.T @ log_qps)
+        return cls(
+            source, feature_names, targets, mean.float(), std.float(), weight.float().contiguous()
+        )
+
+    def predict_log(self, features: torch.Tensor) -> torch.Tensor:
+        standardized = (features - self.feature_mean) / self.feature_std
+        return self.weight[0] + standardized @ self.weight[1:]
+
+    def r_squared(self, features: torch.Tensor, log_qps: torch.Tensor) -> torch.Tensor:
+        """Coefficient of determination per target column (1 = exact)."""
+        residual = (log_qps - self.predict_log(features)).square().sum(dim=0)
+        total = (log_qps - log_qps.mean(dim=0)).square().sum(dim=0)
+        return torch.where(total > 1e-12, 1.0 - residual / total.clamp(min=1e-12), 1.0)
+
+    def flops(self, source_elements: int) -> int:
+        """Per sample: the features, their standardization and the linear map."""
+        features = len(self.feature_names)
+        return feature_flops(self.feature_names, source_elements) + 2 * features * (
+            len(self.targets) + 1
+        )
+
+    # --- persistence (safetensors + JSON) ---------------------------------------------------
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {
+            f"{prefix}.feature_mean": self.feature_mean.contiguous(),
+            f"{prefix}.feature_std": self.feature_std.contiguous(),
+            f"{prefix}.weight": self.weight.contiguous(),
+        }
+
+    def settings(self) -> dict[str, object]:
+        return {
+            "source": self.source,
+            "features": list(self.feature_names),
+            "targets": [list(t) for t in self.targets],
+        }
+
+    @classmethod
+    def from_saved(
+        cls, settings: dict[str, object], tensors: dict[str, torch.Tensor], prefix: str
+    ) -> LinearQPPredictor:
+        return cls(
+            str(settings["source"]),
+            tuple(settings["features"]),  # type: ignore[arg-type]
+            [(str(a), str(b)) for a, b in settings["targets"]],  # type: ignore[attr-defined]
+            tensors[f"{prefix}.feature_mean"],
+            tensors[f"{prefix}.feature_std"],
+            tensors[f"{prefix}.weight"],
+        )

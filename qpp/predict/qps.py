@@ -1,0 +1,201 @@
+"""Per-sample activation QPs: static, dynamic (exact, per input) or predicted (QPP).
+
+One ``SampleQuantizer`` is attached to an activation ``Quantizer`` (``quantizer.per_sample``)
+and replaces its static fake-quantization. It serves the two schemes of QPP (Kryzhanovskiy et
+al. 2021): uniform (a per-sample ``[lo, hi]``, hence scale and zero point) and Dense+Sparse (a
+per-sample threshold ``t``; see ``qpp.quant.dense_sparse``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+import torch
+
+from qpp.errors import ConfigError, DataError
+from qpp.quant.affine import choose_qparams, fake_quantize
+from qpp.quant.dense_sparse import (
+    check_outlier_fraction,
+    dense_sparse_fake_quantize,
+    outlier_density,
+    outlier_threshold,
+)
+from qpp.quant.ranges import parse_estimator, rows_mse_range
+from qpp.sim.quantizer import Quantizer
+
+#: Columns of a per-sample row that an MSE range search evaluates (a strided subset): the
+#: error estimate needs a few thousand values, not every element of a large feature map.
+MSE_SEARCH_COLUMNS = 4096
+
+
+class QPMode(StrEnum):
+    STATIC = "static"
+    DYNAMIC = "dynamic"
+    PREDICTED = "predicted"
+
+
+class Scheme(StrEnum):
+    UNIFORM = "uniform"
+    DENSE_SPARSE = "dense-sparse"
+
+
+DYNAMIC_ESTIMATORS = ("minmax", "percentile", "mse")
+
+
+def parse_mode(mode: str) -> QPMode:
+    try:
+        return QPMode(mode)
+    except ValueError:
+        raise ConfigError(
+            f"unknown activation-range mode '{mode}'; use static, dynamic or predicted"
+        ) from None
+
+
+def parse_scheme(scheme: str) -> Scheme:
+    try:
+        return Scheme(scheme)
+    except ValueError:
+        raise ConfigError(f"unknown scheme '{scheme}'; use uniform or dense-sparse") from None
+
+
+def check_dynamic_estimator(estimator: str) -> None:
+    name, _ = parse_estimator(estimator)
+    if name not in DYNAMIC_ESTIMATORS:
+        raise ConfigError(
+            f"estimator '{estimator}' cannot run per sample; use minmax, percentile[:P] or mse[:p]"
+        )
+
+
+@dataclass
+class SampleQPs:
+    """QPs of one tensor for a batch, one value per sample: ``[lo, hi]`` or the threshold."""
+
+    lo: torch.Tensor | None = None
+    hi: torch.Tensor | None = None
+    threshold: torch.Tensor | None = None
+
+
+def sample_rows(x: torch.Tensor, name: str) -> torch.Tensor:
+    """``x`` as ``[N, M]``, one row per sample (the batch dimension is dim 0)."""
+    if x.ndim == 0:
+        raise DataError(
+            f"quantizer '{name}' sees a scalar; per-sample QPs need a batch dimension, so keep "
+            "it static (--override '<name>:enabled=false' or static activation ranges)"
+        )
+    return x.detach().reshape(x.shape[0], -1).float()
+
+
+def dynamic_range(rows: torch.Tensor, estimator: str, quantizer: Quantizer) -> SampleQPs:
+    """The per-sample ``[lo, hi]`` that ``estimator`` picks for each row (white paper §3.1)."""
+    name, argument = parse_estimator(estimator)
+    lo, hi = rows.amin(dim=1), rows.amax(dim=1)
+    if name == "percentile":
+        q = (argument or 99.99) / 100.0
+        lo, hi = torch.quantile(rows, 1 - q, dim=1), torch.quantile(rows, q, dim=1)
+    elif name == "mse":
+        stride = max(1, -(-rows.shape[1] // MSE_SEARCH_COLUMNS))
+        lo, hi = rows_mse_range(
+            rows[:, ::stride], lo, hi, quantizer.grid, argument or 2.0, coarse=12, fine=5
+        )
+    return SampleQPs(lo=lo.clamp(max=0), hi=hi.clamp(min=0))
+
+
+class SampleQuantizer:
+    """Fake-quantizes one activation with static, dynamic or predicted QPs (QPP §3).
+
+    - ``static`` uniform: the quantizer's calibrated encoding; static Dense+Sparse: the mean of
+      the calibration samples' thresholds (the paper's "D+S Static");
+    - ``dynamic``: exact QPs of each sample, computed from the tensor at run time;
+    - ``predicted``: QPs written into ``predicted`` by a predictor before this tensor arrives.
+
+    While ``recorded`` is a list, every forward appends the exact per-sample QPs (the
+    regression targets); while ``densities`` is a list, Dense+Sparse forwards append the
+    achieved outlier fraction of each sample.
+    """
+
+    def __init__(
+        self,
+        quantizer: Quantizer,
+        scheme: Scheme,
+        mode: QPMode,
+        outlier_fraction: float = 0.01,
+        estimator: str = "mse",
+    ) -> None:
+        check_outlier_fraction(outlier_fraction)
+        check_dynamic_estimator(estimator)
+        self.quantizer = quantizer
+        self.scheme = scheme
+        self.mode = mode
+        self.outlier_fraction = outlier_fraction
+        self.estimator = estimator
+        self.nonnegative = False
+        self.static_threshold: torch.Tensor | None = None
+        self.predicted: SampleQPs | None = None
+        self.recorded: list[SampleQPs] | None = None
+        self.densities: list[torch.Tensor] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.quantizer.name
+
+    def exact_qps(self, rows: torch.Tensor) -> SampleQPs:
+        """The dynamic QPs of each row."""
+        if self.scheme is Scheme.DENSE_SPARSE:
+            return SampleQPs(
+                lo=rows.amin(dim=1), threshold=outlier_threshold(rows, self.outlier_fraction)
+            )
+        return dynamic_range(rows, self.estimator, self.quantizer)
+
+    def _qps(self, rows: torch.Tensor) -> SampleQPs | None:
+        if self.mode is QPMode.DYNAMIC or self.recorded is not None:
+            qps = self.exact_qps(rows)
+            if self.recorded is not None:
+                self.recorded.append(qps)
+            return qps
+        if self.mode is QPMode.PREDICTED:
+            qps = self.predicted
+            if qps is None:
+                raise ConfigError(
+                    f"quantizer '{self.name}' expects predicted QPs but no predictor ran before "
+                    "it; fit the predictor (qpp.predict.configure_activation_qps)"
+                )
+            count = (qps.threshold if qps.threshold is not None else qps.hi).shape[0]  # type: ignore[union-attr]
+            if count != rows.shape[0]:
+                raise DataError(
+                    f"quantizer '{self.name}' got {count} predicted QPs for a batch of "
+                    f"{rows.shape[0]}; its tensor's first dimension must be the batch"
+                )
+            return qps
+        return None  # static
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = sample_rows(x, self.name)
+        qps = self._qps(rows)
+        spec = self.quantizer.spec
+        if self.scheme is Scheme.UNIFORM:
+            if qps is None:
+                return fake_quantize(
+                    x,
+                    self.quantizer.scale,
+                    self.quantizer.zero_point,
+                    spec.bits,
+                    spec.is_signed,
+                )
+            scale, zero_point = choose_qparams(
+                qps.lo,
+                qps.hi,
+                spec.bits,
+                spec.symmetric,
+                spec.is_signed,  # type: ignore[arg-type]
+            )
+            return fake_quantize(x, scale, zero_point, spec.bits, spec.is_signed, axis=0)
+        threshold = self.static_threshold if qps is None else qps.threshold
+        if threshold is None:
+            raise ConfigError(
+                f"quantizer '{self.name}' has no static Dense+Sparse threshold; calibrate it "
+                "(qpp.predict.configure_activation_qps)"
+            )
+        if self.densities is not None:
+            self.densities.append(outlier_density(rows, threshold))
+        return dense_sparse_fake_quantize(x, threshold, spec.bits, self.nonnegative, axis=0)
