@@ -17,6 +17,7 @@ from qpp.predict import (
     load_activation_qps,
     settings_from_config,
 )
+from qpp.predict.activation_qps import LayerDensity
 from qpp.predict.cost import model_flops
 from qpp.runs import (
     load_weights,
@@ -106,21 +107,45 @@ def evaluate_quantized(
     reference: torch.Tensor,
     show_progress: bool,
     label: str = "quantized",
-) -> tuple[dict[str, float], torch.Tensor, float, dict[str, Any] | None]:
+) -> tuple[dict[str, float], float, list[LayerDensity] | None]:
     """Evaluate, and for Dense+Sparse also the achieved outlier fraction per layer."""
     if activation_qps is None or activation_qps.settings.scheme != "dense-sparse":
-        return (*evaluate_entry(entry, quantized, reference, show_progress, label), None)
+        metrics, _, seconds = evaluate_entry(entry, quantized, reference, show_progress, label)
+        return metrics, seconds, None
     with activation_qps.tracking_density() as layers:
-        metrics, outputs, seconds = evaluate_entry(
-            entry, quantized, reference, show_progress, label
-        )
-    densities = {
-        "target": activation_qps.settings.outlier_fraction,
-        "mean": sum(layer.mean for layer in layers) / max(1, len(layers)),
-        "std_over_inputs": sum(layer.std for layer in layers) / max(1, len(layers)),
+        metrics, _, seconds = evaluate_entry(entry, quantized, reference, show_progress, label)
+    return metrics, seconds, layers
+
+
+def density_summary(layers: list[LayerDensity], target: float) -> dict[str, Any]:
+    """Achieved outlier fraction: mean over layers of each layer's mean and std over inputs."""
+    count = max(1, len(layers))
+    return {
+        "target": target,
+        "mean": sum(layer.mean for layer in layers) / count,
+        "std_over_inputs": sum(layer.std for layer in layers) / count,
         "layers": {layer.name: [round(layer.mean, 6), round(layer.std, 6)] for layer in layers},
     }
-    return metrics, outputs, seconds, densities
+
+
+@dataclass
+class ModeComparison:
+    """``--compare``: the JSON rows, plus what the plots need."""
+
+    rows: dict[str, Any]
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    densities: dict[str, torch.Tensor]
+
+    def plot(self, folder: Path, target: float) -> list[str]:
+        from qpp.report.plots import plot_density_histograms, plot_predicted_vs_dynamic
+
+        written = []
+        if self.pairs:
+            written.append(plot_predicted_vs_dynamic(self.pairs, folder / "qps_predicted.png"))
+        if self.densities:
+            path = folder / "outlier_density.png"
+            written.append(plot_density_histograms(self.densities, target, path))
+        return [p.name for p in written]
 
 
 def compare_modes(
@@ -131,26 +156,32 @@ def compare_modes(
     reference: torch.Tensor,
     batch: tuple[torch.Tensor, ...],
     show_progress: bool,
-) -> dict[str, Any]:
+) -> ModeComparison:
     """Static, predicted and dynamic QPs evaluated side by side (QPP's comparison)."""
     flops = model_flops(fp32, batch)
     overhead = activation_qps.overhead_flops(batch)
-    rows: dict[str, Any] = {}
+    cost = {"static": 0, "predicted": overhead["predictor"], "dynamic": overhead["dynamic"]}
+    target = activation_qps.settings.outlier_fraction
+    comparison = ModeComparison({"model_flops": flops, "modes": {}}, {}, {})
     for mode in ("static", "predicted", "dynamic"):
         activation_qps.set_mode(mode)
-        metrics, _, seconds, densities = evaluate_quantized(
-            entry, quantized, activation_qps, reference, show_progress, mode
-        )
-        cost = {"static": 0, "predicted": overhead["predictor"], "dynamic": overhead["dynamic"]}
-        rows[mode] = {
+        with activation_qps.pairing_qps() as pairs:
+            metrics, seconds, layers = evaluate_quantized(
+                entry, quantized, activation_qps, reference, show_progress, mode
+            )
+        comparison.pairs.update(pairs)
+        row: dict[str, Any] = {
             "metrics": metrics,
             "seconds": round(seconds, 3),
             "overhead_flops": cost[mode],
             "overhead_percent": round(100.0 * cost[mode] / max(1, flops), 4),
         }
-        if densities is not None:
-            rows[mode]["outlier_density"] = {k: v for k, v in densities.items() if k != "layers"}
-    return {"model_flops": flops, "modes": rows}
+        if layers is not None:
+            summary = density_summary(layers, target)
+            row["outlier_density"] = {k: v for k, v in summary.items() if k != "layers"}
+            comparison.densities[mode] = torch.cat([layer.values for layer in layers])
+        comparison.rows["modes"][mode] = row
+    return comparison
 
 
 def quantize_job(
@@ -165,7 +196,9 @@ def quantize_job(
     started = time.perf_counter()
     created = prepare_output(output_dir, force) if output_dir is not None else None
     try:
-        result, quantized, activation_qps = _quantize(source, config, show_progress, compare)
+        result, quantized, activation_qps, comparison = _quantize(
+            source, config, show_progress, compare
+        )
     except BaseException:
         if created is not None and output_dir is not None:  # leave no empty folders behind
             remove_unused_output(output_dir, created)
@@ -173,6 +206,8 @@ def quantize_job(
     if output_dir is not None:
         result.output_dir = str(output_dir)
         result.seconds["total"] = round(time.perf_counter() - started, 3)
+        if comparison is not None:
+            result.extra["plots"] = comparison.plot(output_dir, config.outlier_fraction)
         save_run(output_dir, source, quantized, result.as_dict())
         if activation_qps is not None:
             activation_qps.save(output_dir)
@@ -182,7 +217,7 @@ def quantize_job(
 
 def _quantize(
     source: SourceSpec, config: QuantConfig, show_progress: bool, compare: bool
-) -> tuple[JobResult, QuantizedModel, ActivationQPs | None]:
+) -> tuple[JobResult, QuantizedModel, ActivationQPs | None, ModeComparison | None]:
     # Capture and check the overrides before evaluating anything, so bad input fails fast.
     qp_settings = settings_from_config(config)
     entry = resolve_source(source)
@@ -205,16 +240,18 @@ def _quantize(
     calibrate_seconds = prepare_seconds + time.perf_counter() - calibration_start
 
     extra: dict[str, Any] = {"quantizers": len(quantized.names)}
+    comparison = None
     if compare and activation_qps is not None:
-        extra["compare"] = compare_modes(
+        comparison = compare_modes(
             entry, quantized, activation_qps, fp32, fp32_outputs, batches[0], show_progress
         )
+        extra["compare"] = comparison.rows
         activation_qps.set_mode(qp_settings.mode)
-    quantized_metrics, _, evaluate_seconds, densities = evaluate_quantized(
+    quantized_metrics, evaluate_seconds, layers = evaluate_quantized(
         entry, quantized, activation_qps, fp32_outputs, show_progress
     )
-    if densities is not None:
-        extra["outlier_density"] = densities
+    if layers is not None:
+        extra["outlier_density"] = density_summary(layers, qp_settings.outlier_fraction)
     if activation_qps is not None and activation_qps.fit_r_squared:
         r2 = list(activation_qps.fit_r_squared.values())
         extra["predictor_r_squared"] = {"min": min(r2), "median": sorted(r2)[len(r2) // 2]}
@@ -232,7 +269,7 @@ def _quantize(
         primary_metric=entry.primary_metric,
         extra=extra,
     )
-    return result, quantized, activation_qps
+    return result, quantized, activation_qps, comparison
 
 
 def eval_job(folder: Path, show_progress: bool = True) -> tuple[JobResult, dict[str, Any]]:
@@ -256,7 +293,7 @@ def eval_job(folder: Path, show_progress: bool = True) -> tuple[JobResult, dict[
         else None
     )
     fp32_metrics, fp32_outputs, _ = evaluate_entry(entry, fp32, None, show_progress, "fp32")
-    quantized_metrics, _, evaluate_seconds, _ = evaluate_quantized(
+    quantized_metrics, evaluate_seconds, _ = evaluate_quantized(
         entry, quantized, activation_qps, fp32_outputs, show_progress
     )
     result = JobResult(

@@ -86,9 +86,18 @@ def execution_order(model: QuantizedModel) -> list[Quantizer]:
 
 @dataclass
 class LayerDensity:
+    """The achieved outlier fraction of one layer: per sample, and its mean and std."""
+
     name: str
-    mean: float
-    std: float
+    values: torch.Tensor
+
+    @property
+    def mean(self) -> float:
+        return float(self.values.mean())
+
+    @property
+    def std(self) -> float:
+        return float(self.values.std(correction=0))
 
 
 @dataclass
@@ -138,11 +147,26 @@ class ActivationQPs:
         finally:
             for name, sampler in self.samplers.items():
                 if sampler.densities:
-                    values = torch.cat(sampler.densities)
-                    result.append(
-                        LayerDensity(name, float(values.mean()), float(values.std(correction=0)))
-                    )
+                    result.append(LayerDensity(name, torch.cat(sampler.densities)))
                 sampler.densities = None
+
+    @contextmanager
+    def pairing_qps(self) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """Collect predicted and exact QPs side by side (main QP: ``hi`` or the threshold)
+        for every predicted layer while the block runs (in ``predicted`` mode)."""
+        for sampler in self.samplers.values():
+            sampler.pairs = []
+        result: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        try:
+            yield result
+        finally:
+            for name, sampler in self.samplers.items():
+                if sampler.pairs:
+                    main = "threshold" if sampler.scheme is Scheme.DENSE_SPARSE else "hi"
+                    predicted = torch.cat([getattr(p, main) for p, _ in sampler.pairs])
+                    exact = torch.cat([getattr(e, main) for _, e in sampler.pairs])
+                    result[name] = (predicted, exact)
+                sampler.pairs = None
 
     # --- predictor hooks --------------------------------------------------------------------
 

@@ -134,6 +134,8 @@ class SampleQuantizer:
         self.predicted: SampleQPs | None = None
         self.recorded: list[SampleQPs] | None = None
         self.densities: list[torch.Tensor] | None = None
+        #: While a list, predicted forwards append (predicted, exact) QPs for comparison.
+        self.pairs: list[tuple[SampleQPs, SampleQPs]] | None = None
 
     @property
     def name(self) -> str:
@@ -166,6 +168,8 @@ class SampleQuantizer:
                     f"quantizer '{self.name}' got {count} predicted QPs for a batch of "
                     f"{rows.shape[0]}; its tensor's first dimension must be the batch"
                 )
+            if self.pairs is not None:
+                self.pairs.append((qps, self.exact_qps(rows)))
             return qps
         return None  # static
 

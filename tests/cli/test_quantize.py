@@ -265,6 +265,9 @@ def test_predicted_dense_sparse_with_compare(qpp, user_classifier, tmp_path: Pat
     assert data["outlier_density"]["target"] == 0.02
     assert (run / "activation_qps.json").is_file()
     assert (run / "activation_qps.safetensors").is_file()
+    assert data["plots"] == ["qps_predicted.png", "outlier_density.png"]
+    for name in data["plots"]:
+        assert (run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     evaluated = qpp("eval", run, "--json")
     assert evaluated.exit_code == 0, evaluated.output
