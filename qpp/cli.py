@@ -173,6 +173,9 @@ def quantize(
     predictor_sources: Annotated[
         str, typer.Option(help="quantizers whose inputs feed predictors (default: the first)")
     ] = "",
+    predictor_anchor: Annotated[
+        str, typer.Option(help="uniform predictors: static (mean input -> static range) or dynamic")
+    ] = "static",
     compare: Annotated[
         bool, typer.Option(help="also evaluate static, predicted and dynamic QPs; one table")
     ] = False,
@@ -216,6 +219,7 @@ def quantize(
             dynamic_estimator=dynamic_estimator,
             predictor_features=predictor_features,
             predictor_sources=predictor_sources,
+            predictor_anchor=predictor_anchor,
         )
     source = SourceSpec(
         model,

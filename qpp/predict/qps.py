@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import cache
 
 import torch
 
@@ -86,6 +87,19 @@ def sample_rows(x: torch.Tensor, name: str) -> torch.Tensor:
     return x.detach().reshape(x.shape[0], -1).float()
 
 
+@cache
+def search_columns(columns: int) -> torch.Tensor:
+    """A fixed random subset of ``MSE_SEARCH_COLUMNS`` column indices (all if fewer).
+
+    Random, not strided: a stride that divides the channel count would keep the same channels
+    at every position and could miss every outlier channel of a transformer.
+    """
+    if columns <= MSE_SEARCH_COLUMNS:
+        return torch.arange(columns)
+    generator = torch.Generator().manual_seed(columns)
+    return torch.randperm(columns, generator=generator)[:MSE_SEARCH_COLUMNS].sort().values
+
+
 def dynamic_range(rows: torch.Tensor, estimator: str, quantizer: Quantizer) -> SampleQPs:
     """The per-sample ``[lo, hi]`` that ``estimator`` picks for each row (white paper §3.1)."""
     name, argument = parse_estimator(estimator)
@@ -94,10 +108,8 @@ def dynamic_range(rows: torch.Tensor, estimator: str, quantizer: Quantizer) -> S
         q = (argument or 99.99) / 100.0
         lo, hi = torch.quantile(rows, 1 - q, dim=1), torch.quantile(rows, q, dim=1)
     elif name == "mse":
-        stride = max(1, -(-rows.shape[1] // MSE_SEARCH_COLUMNS))
-        lo, hi = rows_mse_range(
-            rows[:, ::stride], lo, hi, quantizer.grid, argument or 2.0, coarse=12, fine=5
-        )
+        subset = rows[:, search_columns(rows.shape[1])]
+        lo, hi = rows_mse_range(subset, lo, hi, quantizer.grid, argument or 2.0, coarse=12, fine=5)
     return SampleQPs(lo=lo.clamp(max=0), hi=hi.clamp(min=0))
 
 

@@ -67,6 +67,8 @@ class QuantConfig:
     predictor_features: str = "mean,max,q0.9,q0.99,q0.999"
     #: Comma-separated quantizers whose inputs feed a predictor ("" = the first one).
     predictor_sources: str = ""
+    #: Uniform predictors: "static" (average input gets the static range) or "dynamic".
+    predictor_anchor: str = "static"
 
     def __post_init__(self) -> None:
         self._check_types()
