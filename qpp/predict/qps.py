@@ -27,7 +27,7 @@ from qpp.sim.quantizer import Quantizer
 
 #: Columns of a per-sample row that an MSE range search evaluates (a strided subset): the
 #: error estimate needs a few thousand values, not every element of a large feature map.
-MSE_SEARCH_COLUMNS = 4096
+MSE_SEARCH_COLUMNS = 2048
 
 
 class QPMode(StrEnum):
