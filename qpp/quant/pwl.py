@@ -125,7 +125,7 @@ class PiecewiseGrid:
     def regions(self, magnitude: torch.Tensor) -> torch.Tensor:
         """The piece of each value of ``magnitude`` (``[..., C, N]``): how many breakpoints it
         reaches (``|x| = p`` belongs to the outer piece, as the code's strict comparisons)."""
-        region = torch.zeros(magnitude.shape, dtype=torch.long)
+        region = torch.zeros(magnitude.shape, dtype=torch.uint8)
         for index in range(self.breakpoints.shape[-1]):  # K <= 3 breakpoints
             region += magnitude >= self.breakpoints[..., index : index + 1]
         return region
@@ -135,22 +135,26 @@ class PiecewiseGrid:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per value: sign, piece, integer on that piece's grid, and the piece's offset, step."""
         tables = self.tables()
-        if self.signed:
-            negative = rows < 0
-            sign = torch.where(negative, -1.0, 1.0)
-            magnitude = rows.abs()
-        else:
-            negative = torch.zeros(rows.shape, dtype=torch.bool)
-            sign = torch.ones_like(rows)
-            magnitude = rows.clamp(min=0)
+        magnitude = rows.abs() if self.signed else rows.clamp(min=0)
         region = self.regions(magnitude)
-        offset = torch.gather(tables.offsets.expand(*rows.shape[:-1], -1), -1, region)
-        step = torch.gather(tables.steps.expand(*rows.shape[:-1], -1), -1, region)
-        largest = torch.where(
-            negative, tables.largest_negative[region], tables.largest_positive[region]
-        )
-        integer = torch.minimum(torch.round((magnitude - offset) / step).clamp(min=0), largest)
-        return sign, region, integer, offset, step
+        # A chain of selections per piece (K + 1 <= 4) is cheaper than gathers per element.
+        offset = tables.offsets[..., :1].to(rows.dtype)
+        step = tables.steps[..., :1].to(rows.dtype)
+        for piece in range(1, self.pieces):
+            outer = region >= piece
+            offset = torch.where(
+                outer, tables.offsets[..., piece : piece + 1].to(rows.dtype), offset
+            )
+            step = torch.where(outer, tables.steps[..., piece : piece + 1].to(rows.dtype), step)
+        integer = torch.round((magnitude - offset) / step).clamp_(min=0)
+        positive, negative = tables.largest_positive, tables.largest_negative
+        if torch.equal(positive, negative) and bool((positive == positive[0]).all()):
+            integer = integer.clamp_(max=int(positive[0]))
+        else:
+            largest = torch.where(rows < 0, negative[region.long()], positive[region.long()])
+            integer = torch.minimum(integer, largest.to(rows.dtype))
+        sign = torch.where(rows < 0, -1.0, 1.0).to(rows.dtype) if self.signed else None
+        return sign if sign is not None else torch.ones_like(rows), region, integer, offset, step
 
     def quantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """``pw(x; b, m, p)`` of eq. 3 (or the code's forms) on rows ``[..., C, N]``, with the
@@ -439,15 +443,15 @@ def grid_search_breakpoints(
     (e.g. the bisection solution), ``sweeps`` times. Candidates loop, channels are vectorized.
     """
     range_max = range_max.double().clamp(min=MIN_SCALE)
-    rows = rows.detach().double()
+    rows = rows.detach().float()
     if start is None:
         start = initial_breakpoints(range_max, 1)
     breakpoints = start.double().clone()
     count = breakpoints.shape[1]
 
     def error(candidate: torch.Tensor) -> torch.Tensor:
-        grid = PiecewiseGrid(range_max, candidate, bits, form, signed)
-        return (grid.quantize_rows(rows) - rows).square().sum(dim=1)
+        grid = PiecewiseGrid(range_max.float(), candidate.float(), bits, form, signed)
+        return (grid.quantize_rows(rows) - rows).square().sum(dim=1).double()
 
     for _ in range(sweeps if count > 1 else 1):
         for index in range(count):
