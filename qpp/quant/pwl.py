@@ -163,8 +163,8 @@ class PiecewiseGrid:
         quantized = sign * (offset + integer * step)
         range_max = self.range_max.clamp(min=MIN_SCALE)[..., None]
         lower = -range_max if self.signed else torch.zeros_like(range_max)
-        clipped = torch.maximum(torch.minimum(rows, range_max), lower)
-        return clipped + (quantized - clipped).detach()
+        inside = (rows.detach() >= lower) & (rows.detach() <= range_max)
+        return quantized + (rows - rows.detach()) * inside
 
     def fake_quantize(self, x: torch.Tensor, axis: int | None) -> torch.Tensor:
         """``x`` on this grid, one row of parameters per slice along ``axis`` (all for None)."""
