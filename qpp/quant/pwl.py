@@ -36,6 +36,8 @@ FORMS = ("non-overlapping", "paper", "overlapping")
 SEARCHES = ("approx", "bisection", "grid")
 DISTRIBUTIONS = ("gaussian", "laplacian", "empirical")
 MAX_BREAKPOINTS = 3
+#: Rows shorter than this get the grid search: a fitted distribution needs some values.
+MIN_FIT_VALUES = 16
 
 # Supplement §1.1 (code ``find_optimal_breakpoint``): p̃* fitted for m̃ in [3, 10].
 GAUSSIAN_COEFFICIENT, GAUSSIAN_INTERCEPT = 0.86143114, 0.607901097496529
@@ -499,8 +501,13 @@ def choose_breakpoints(
     - ``bisection``: eq. 6 solved on the ``distribution`` (fitted, or the empirical one).
     - ``grid``: the coarse-to-fine search on the actual L2 error (several breakpoints start
       from the bisection solution).
+
+    Rows of fewer than ``MIN_FIT_VALUES`` values (1x1 convolutions over a few channels) are too
+    short to fit a distribution to; they always use the grid search, which is cheap there.
     """
     rows = rows.detach().float()
+    if rows.shape[1] < MIN_FIT_VALUES and search != "grid":
+        search = "grid"
     magnitude = rows.abs() if signed else rows.clamp(min=0)
     if range_max is None:
         range_max = magnitude.amax(dim=1)
