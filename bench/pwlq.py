@@ -312,6 +312,8 @@ gap": the loss of the primary metric against FP32 over the uniform row's loss at
 bit-widths (below 1 is better). "weight MSE lower": layers where PWLQ's weight MSE is below
 uniform's, and the geometric mean of PWLQ/uniform weight MSE. AdaRound (issue 6) is built in
 parallel and not in this run. Data: each zoo entry's default calibration and evaluation sets.
+At equal storage, PWLQ at b bits (b + 1 stored) compares with uniform at b + 1 bits: read the
+W3A8 PWLQ rows against the W4A8 uniform rows (both 4 bits per weight).
 
 {summary_lines}
 
