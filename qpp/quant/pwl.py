@@ -155,8 +155,11 @@ class PiecewiseGrid:
         else:
             largest = torch.where(rows < 0, negative[region.long()], positive[region.long()])
             integer = torch.minimum(integer, largest.to(rows.dtype))
-        sign = torch.where(rows < 0, -1.0, 1.0).to(rows.dtype) if self.signed else None
-        return sign if sign is not None else torch.ones_like(rows), region, integer, offset, step
+        if self.signed:
+            sign = torch.where(rows < 0, -1.0, 1.0).to(rows.dtype)
+        else:
+            sign = torch.ones_like(rows)
+        return sign, region, integer, offset, step
 
     def quantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """``pw(x; b, m, p)`` of eq. 3 (or the code's forms) on rows ``[..., C, N]``, with the

@@ -17,7 +17,8 @@ class PiecewiseSpec:
 
     ``form``: paper (eq. 3), non-overlapping (the official code's) or overlapping.
     ``breakpoints``: per side, 1 (the paper) to 3 (supplement eq. 1).
-    ``search``: approx (closed form), bisection (eq. 6) or grid (coarse-to-fine on L2 error).
+    ``search``: approx (closed form), bisection (eq. 6) or grid (coarse-to-fine on L2 error);
+    activations keep a histogram, not samples, so for them grid means bisection.
     ``distribution``: gaussian, laplacian or empirical, for approx and bisection.
     ``bias_correction``: the paper's "+BC" on weights (per-channel mean and std).
     """
