@@ -179,6 +179,31 @@ def quantize(
     compare: Annotated[
         bool, typer.Option(help="also evaluate static, predicted and dynamic QPs; one table")
     ] = False,
+    weight_quantizer: Annotated[
+        str, typer.Option(help="uniform, or pwlq (piecewise linear, Fang et al. 2020)")
+    ] = "uniform",
+    activation_quantizer: Annotated[str, typer.Option(help="uniform or pwlq")] = "uniform",
+    breakpoints: Annotated[
+        int | None, typer.Option(help="PWLQ breakpoints per side, 1-3 (default 1)")
+    ] = None,
+    breakpoint_search: Annotated[
+        str | None, typer.Option(help="PWLQ breakpoint: approx (default), bisection or grid")
+    ] = None,
+    breakpoint_distribution: Annotated[
+        str | None,
+        typer.Option(
+            help="PWLQ fit for approx/bisection: gaussian (default), laplacian, empirical"
+        ),
+    ] = None,
+    pwlq_form: Annotated[
+        str | None,
+        typer.Option(
+            help="PWLQ grid: non-overlapping (official code, default), paper, overlapping"
+        ),
+    ] = None,
+    bias_correction: Annotated[
+        bool, typer.Option(help="PWLQ weights: correct each channel's mean and std (+BC)")
+    ] = False,
 ) -> None:
     """Quantize MODEL, evaluate it against FP32, and save encodings, weights and a report."""
     _quiet_libraries()
@@ -202,6 +227,15 @@ def quantize(
                 ) from None
         for pattern in disable or []:
             overrides[pattern] = LayerOverride(enabled=False)
+        piecewise = _piecewise_spec(
+            weight_quantizer,
+            activation_quantizer,
+            breakpoints=breakpoints,
+            search=breakpoint_search,
+            distribution=breakpoint_distribution,
+            form=pwlq_form,
+            bias_correction=bias_correction or None,
+        )
         quant_config = QuantConfig(
             weight_bits=weights,
             activation_bits=activations,
@@ -220,6 +254,9 @@ def quantize(
             predictor_features=predictor_features,
             predictor_sources=predictor_sources,
             predictor_anchor=predictor_anchor,
+            weight_quantizer=weight_quantizer,
+            activation_quantizer=activation_quantizer,
+            piecewise=piecewise,
         )
     source = SourceSpec(
         model,
@@ -234,6 +271,22 @@ def quantize(
         source, quant_config, folder, force, show_progress=not quiet, compare=compare
     )
     _show(result.as_dict(), json_output, f"qpp quantize {model}")
+
+
+def _piecewise_spec(weight_quantizer: str, activation_quantizer: str, **given: Any) -> Any:
+    """The PWLQ settings from the flags given; they need a pwlq quantizer to act on."""
+    from qpp.quant.spec import PiecewiseSpec
+
+    settings = {key: value for key, value in given.items() if value is not None}
+    if settings and "pwlq" not in (weight_quantizer, activation_quantizer):
+        flags = ", ".join(f"--{key.replace('_', '-')}" for key in settings)
+        raise ConfigError(
+            f"{flags} only apply to PWLQ; add --weight-quantizer pwlq "
+            "(or --activation-quantizer pwlq)"
+        )
+    if settings.get("bias_correction") and weight_quantizer != "pwlq":
+        raise ConfigError("--bias-correction applies to PWLQ weights; add --weight-quantizer pwlq")
+    return PiecewiseSpec(**settings)
 
 
 def _read_config(path: Path) -> Any:

@@ -65,24 +65,31 @@ def model_size_bytes(model: torch.nn.Module) -> int:
 
 
 def quantized_size_bytes(model: QuantizedModel) -> int:
-    """Bytes after quantization: enabled weight quantizers store ``bits`` per element plus one
-    float scale (and a zero point byte) per channel; every other tensor stays as it is."""
+    """Bytes after quantization: each enabled weight quantizer's ``storage_bytes`` (``bits``
+    per element plus per-channel parameters); every other tensor stays as it is."""
     quantized_targets: dict[str, int] = {}
     for name in model.names:
         quantizer = model.quantizer(name)
         if quantizer.kind.value != "weight" or not quantizer.enabled:
             continue
-        weight = model.weight(name)
-        channels = quantizer.scale.numel()
-        quantized_targets[model.weight_target(name)] = (
-            weight.numel() * quantizer.spec.bits + 7
-        ) // 8 + channels * 5
+        quantized_targets[model.weight_target(name)] = quantizer.storage_bytes(model.weight(name))
     total = 0
     for key, tensor in model.graph_module.state_dict().items():
         if key.startswith("qpp_quantizers."):
             continue
         total += quantized_targets.get(key, tensor.numel() * tensor.element_size())
     return total
+
+
+def weight_bits_per_element(model: QuantizedModel) -> float | None:
+    """Stored bits per quantized weight element, averaged over the enabled weight quantizers
+    (``b`` for uniform grids, ``b`` plus the region bit for PWLQ); ``None`` if there are none."""
+    bits = elements = 0
+    for quantizer, weight in model.weight_quantizers():
+        if quantizer.enabled:
+            bits += weight.numel() * quantizer.bits_per_element
+            elements += weight.numel()
+    return round(bits / elements, 4) if elements else None
 
 
 def evaluate_entry(
@@ -239,7 +246,10 @@ def _quantize(
         activation_qps = configure_activation_qps(quantized, batches, fitted, show_progress)
     calibrate_seconds = prepare_seconds + time.perf_counter() - calibration_start
 
-    extra: dict[str, Any] = {"quantizers": len(quantized.names)}
+    extra: dict[str, Any] = {
+        "quantizers": len(quantized.names),
+        "weight_bits_per_element": weight_bits_per_element(quantized),
+    }
     comparison = None
     if compare and activation_qps is not None:
         comparison = compare_modes(

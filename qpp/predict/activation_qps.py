@@ -449,6 +449,13 @@ def settings_from_config(config: QuantConfig) -> ActivationQPSettings:
     def names(text: str) -> tuple[str, ...]:
         return tuple(item.strip() for item in text.split(",") if item.strip())
 
+    if config.activation_quantizer != "uniform" and (
+        config.activation_ranges != "static" or config.activation_scheme != "uniform"
+    ):
+        raise ConfigError(
+            f"per-input activation QPs work with uniform activation quantizers, not "
+            f"'{config.activation_quantizer}'; drop --activation-quantizer or use static ranges"
+        )
     return ActivationQPSettings(
         mode=config.activation_ranges,
         scheme=config.activation_scheme,

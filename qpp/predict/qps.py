@@ -191,13 +191,7 @@ class SampleQuantizer:
         spec = self.quantizer.spec
         if self.scheme is Scheme.UNIFORM:
             if qps is None:
-                return fake_quantize(
-                    x,
-                    self.quantizer.scale,
-                    self.quantizer.zero_point,
-                    spec.bits,
-                    spec.is_signed,
-                )
+                return self.quantizer.fake_quantize(x)
             scale, zero_point = choose_qparams(
                 qps.lo,
                 qps.hi,

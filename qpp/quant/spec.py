@@ -12,12 +12,64 @@ GRANULARITIES = ("per-tensor", "per-channel")
 
 
 @dataclass(frozen=True)
+class PiecewiseSpec:
+    """Piecewise linear quantization (PWLQ, Fang et al. 2020) settings; see ``qpp.quant.pwl``.
+
+    ``form``: paper (eq. 3), non-overlapping (the official code's) or overlapping.
+    ``breakpoints``: per side, 1 (the paper) to 3 (supplement eq. 1).
+    ``search``: approx (closed form), bisection (eq. 6) or grid (coarse-to-fine on L2 error);
+    activations keep a histogram, not samples, so for them grid means bisection.
+    ``distribution``: gaussian, laplacian or empirical, for approx and bisection.
+    ``bias_correction``: the paper's "+BC" on weights (per-channel mean and std).
+    """
+
+    form: str = "non-overlapping"
+    breakpoints: int = 1
+    search: str = "approx"
+    distribution: str = "gaussian"
+    bias_correction: bool = False
+
+    def __post_init__(self) -> None:
+        from qpp.quant.pwl import DISTRIBUTIONS, FORMS, MAX_BREAKPOINTS, SEARCHES
+
+        choices = {"form": FORMS, "search": SEARCHES, "distribution": DISTRIBUTIONS}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(
+                    f"unknown PWLQ {key} '{getattr(self, key)}'; use one of {', '.join(allowed)}"
+                )
+        if not isinstance(self.breakpoints, int) or not 1 <= self.breakpoints <= MAX_BREAKPOINTS:
+            raise ConfigError(
+                f"PWLQ takes 1 to {MAX_BREAKPOINTS} breakpoints per side, got {self.breakpoints!r}"
+            )
+        if self.search == "approx" and self.distribution == "empirical":
+            raise ConfigError(
+                "the approximate breakpoint assumes a gaussian or laplacian distribution; "
+                "use --breakpoint-search bisection (or grid) with the empirical distribution"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PiecewiseSpec:
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(
+                f"unknown PWLQ setting(s) {sorted(unknown)}; "
+                f"allowed: {sorted(cls.__dataclass_fields__)}"
+            )
+        return cls(**data)
+
+
+@dataclass(frozen=True)
 class QuantSpec:
-    """A uniform quantizer: bit-width, grid, granularity and the range estimator.
+    """A quantizer: bit-width, grid, granularity and the range estimator.
 
     ``signed=None`` means "signed if symmetric", the usual choice for weights (symmetric, int8)
     and activations (asymmetric, uint8). ``axis`` is the channel axis of a per-channel quantizer;
-    ``None`` lets the placement pick the op's output-channel axis.
+    ``None`` lets the placement pick the op's output-channel axis. ``piecewise`` makes it a PWLQ
+    quantizer (``None``: one uniform grid).
     """
 
     bits: int = 8
@@ -26,8 +78,11 @@ class QuantSpec:
     granularity: str = "per-tensor"
     axis: int | None = None
     estimator: str = "minmax"
+    piecewise: PiecewiseSpec | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.piecewise, dict):  # from to_dict() / JSON
+            object.__setattr__(self, "piecewise", PiecewiseSpec.from_dict(self.piecewise))
         if not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
             raise ConfigError(
                 f"bit-width {self.bits!r} is not supported; "

@@ -31,8 +31,11 @@ def result_table(result: dict[str, Any], title: str) -> Table:
         f"{sizes['fp32'] / 1e6:.2f}",
         f"{sizes['quantized'] / 1e6:.2f}",
         f"x{ratio:.3f}",
-        end_section=True,
+        end_section="weight_bits_per_element" not in result,
     )
+    if result.get("weight_bits_per_element") is not None:
+        bits = result["weight_bits_per_element"]
+        table.add_row("bits per weight", "32", f"{bits:g}", f"x{bits / 32:.3f}", end_section=True)
     seconds = result["seconds"]
     table.add_row("calibrate (s)", "", f"{seconds['calibrate']:.1f}", "")
     table.add_row("evaluate (s)", "", f"{seconds['evaluate']:.1f}", "")

@@ -10,7 +10,10 @@ from typing import Any
 
 from qpp.errors import ConfigError
 from qpp.graph.placement import POLICIES
-from qpp.quant.spec import QuantSpec
+from qpp.quant.spec import PiecewiseSpec, QuantSpec
+
+#: Kinds of quantizer grid: one uniform grid, or piecewise linear (PWLQ).
+QUANTIZER_SCHEMES = ("uniform", "pwlq")
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,8 @@ class QuantConfig:
 
     The defaults are the white paper's recommendation (§2.2, §3.5): symmetric per-channel
     weights, asymmetric per-tensor activations, MSE ranges, batch norms folded.
+    ``weight_quantizer`` / ``activation_quantizer`` "pwlq" use piecewise linear grids with the
+    ``piecewise`` settings (bias correction applies to weights only).
     """
 
     weight_bits: int = 8
@@ -69,9 +74,24 @@ class QuantConfig:
     predictor_sources: str = ""
     #: Uniform predictors: "static" (average input gets the static range) or "dynamic".
     predictor_anchor: str = "static"
+    weight_quantizer: str = "uniform"
+    activation_quantizer: str = "uniform"
+    piecewise: PiecewiseSpec = field(default_factory=PiecewiseSpec)
 
     def __post_init__(self) -> None:
+        if isinstance(self.piecewise, dict):  # from JSON
+            object.__setattr__(self, "piecewise", PiecewiseSpec.from_dict(self.piecewise))
+        if not isinstance(self.piecewise, PiecewiseSpec):
+            raise ConfigError(
+                'piecewise must be an object of PWLQ settings, e.g. {"breakpoints": 1}'
+            )
         self._check_types()
+        for key in ("weight_quantizer", "activation_quantizer"):
+            if getattr(self, key) not in QUANTIZER_SCHEMES:
+                raise ConfigError(
+                    f"unknown {key.replace('_', ' ')} '{getattr(self, key)}'; "
+                    f"use one of {', '.join(QUANTIZER_SCHEMES)}"
+                )
         if self.policy not in POLICIES:
             raise ConfigError(
                 f"unknown placement policy '{self.policy}'; use one of {', '.join(POLICIES)}"
@@ -106,6 +126,7 @@ class QuantConfig:
             granularity=self.weight_granularity,
             axis=axis,
             estimator=self.weight_estimator,
+            piecewise=self.piecewise if self.weight_quantizer == "pwlq" else None,
         )
 
     def activation_spec(self) -> QuantSpec:
@@ -115,6 +136,7 @@ class QuantConfig:
             granularity=self.activation_granularity,
             axis=1 if self.activation_granularity == "per-channel" else None,
             estimator=self.activation_estimator,
+            piecewise=self.piecewise if self.activation_quantizer == "pwlq" else None,
         )
 
     def overrides_for(self, name: str) -> list[LayerOverride]:

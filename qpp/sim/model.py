@@ -20,6 +20,7 @@ from qpp.errors import ConfigError, EncodingsError
 from qpp.graph.placement import ActivationSite, Placement, WeightSite
 from qpp.quant.spec import QuantSpec
 from qpp.sim.config import QuantConfig
+from qpp.sim.piecewise import PiecewiseQuantizer
 from qpp.sim.quantizer import Mode, Quantizer, QuantizerKind
 
 QUANTIZER_ROOT = "qpp_quantizers"
@@ -51,7 +52,7 @@ class QuantizedModel(torch.nn.Module):
         key = re.sub(r"\W", "_", name)
         while key in self.quantizers:
             key += "_"
-        quantizer = Quantizer(name, kind, spec)
+        quantizer = (PiecewiseQuantizer if spec.piecewise else Quantizer)(name, kind, spec)
         self.quantizers[key] = quantizer
         self._by_name[name] = quantizer
         quantizer.module_key = key  # type: ignore[assignment]
@@ -204,6 +205,7 @@ class QuantizedModel(torch.nn.Module):
                 "spec": q.spec.to_dict(),
                 "scale": q.scale.reshape(-1).tolist(),
                 "zero_point": [int(z) for z in q.zero_point.reshape(-1).tolist()],
+                **q.extra_encoding(),
             }
             for name, q in self._by_name.items()
         }
@@ -228,7 +230,14 @@ class QuantizedModel(torch.nn.Module):
         for name, data in encodings.items():
             quantizer = self._by_name[name]
             try:
-                quantizer.set_spec(QuantSpec.from_dict(dict(data["spec"])))  # type: ignore[call-overload]
+                spec = QuantSpec.from_dict(dict(data["spec"]))  # type: ignore[call-overload]
+                if bool(spec.piecewise) != isinstance(quantizer, PiecewiseQuantizer):
+                    raise EncodingsError(
+                        f"quantizer '{name}' is {type(quantizer).__name__} in this model but "
+                        "the encodings were computed with another weight/activation quantizer "
+                        "(uniform or pwlq); load them with the config they were computed with"
+                    )
+                quantizer.set_spec(spec)
                 scale = torch.tensor(data["scale"], dtype=torch.float32)
                 zero_point = torch.tensor(data["zero_point"], dtype=torch.float32)
             except (KeyError, TypeError, ValueError) as error:
@@ -238,6 +247,7 @@ class QuantizedModel(torch.nn.Module):
                 scale, zero_point = scale.reshape(()), zero_point.reshape(())
             if data.get("calibrated", True):
                 quantizer.set_encoding(scale, zero_point)
+                quantizer.load_extra_encoding(data)
             quantizer.enabled = bool(data.get("enabled", True))
 
     def _check_encoding_size(

@@ -143,6 +143,10 @@ class Quantizer(torch.nn.Module):
             return self.per_sample(x)
         if self.kind is QuantizerKind.WEIGHT and not torch.is_grad_enabled():
             return self._cached_weight(x)
+        return self.fake_quantize(x)
+
+    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` on this quantizer's grid, with the straight-through gradient."""
         return fake_quantize(
             x, self.scale, self.zero_point, self.spec.bits, self.spec.is_signed, self.axis
         )
@@ -157,11 +161,28 @@ class Quantizer(torch.nn.Module):
         """
         key = (weight.data_ptr(), weight.shape, weight.stride(), weight.dtype, weight._version)
         if self._cached is None or self._cached[1] != key:
-            quantized = fake_quantize(
-                weight, self.scale, self.zero_point, self.spec.bits, self.spec.is_signed, self.axis
-            )
+            quantized = self.fake_quantize(weight)
             self._cached = (weight.detach(), key, quantized)
         return self._cached[2]
+
+    # --- storage and encodings beyond scale and zero point ---------------------------------------
+
+    @property
+    def bits_per_element(self) -> int:
+        """Stored bits per quantized value."""
+        return self.spec.bits
+
+    def storage_bytes(self, weight: torch.Tensor) -> int:
+        """Bytes to store ``weight`` quantized: ``bits`` per element plus one float scale and a
+        zero point byte per channel."""
+        return (weight.numel() * self.bits_per_element + 7) // 8 + self.scale.numel() * 5
+
+    def extra_encoding(self) -> dict[str, object]:
+        """Encoding data beyond scale and zero point (JSON-ready); none for a uniform grid."""
+        return {}
+
+    def load_extra_encoding(self, data: dict[str, object]) -> None:
+        """Set what ``extra_encoding`` wrote."""
 
     def extra_repr(self) -> str:
         state = "on" if self.enabled else "off"

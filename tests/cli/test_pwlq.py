@@ -1,0 +1,47 @@
+"""``qpp quantize --weight-quantizer pwlq``: the flags, the storage cost, exact reproduction."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def test_pwlq_run_reports_storage_and_reproduces(qpp, tmp_path: Path) -> None:
+    folder = tmp_path / "run"
+    result = qpp(
+        "quantize", "digits-cnn", "--weights", "4", "--weight-quantizer", "pwlq",
+        "--breakpoint-search", "bisection", "--bias-correction", "--json", "--quiet",
+        "--out", folder,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["weight_bits_per_element"] == 5  # 4 bits and the region bit
+    assert report["config"]["weight_quantizer"] == "pwlq"
+    assert report["config"]["piecewise"]["bias_correction"] is True
+    assert report["metrics"]["quantized"]["top1"] >= report["metrics"]["fp32"]["top1"] - 2
+    fp32_bytes, quantized_bytes = report["size_bytes"]["fp32"], report["size_bytes"]["quantized"]
+    # 5 of 32 bits per weight, plus float biases and per-channel scales and offsets.
+    assert fp32_bytes * 5 / 32 < quantized_bytes < fp32_bytes * 8 / 32
+    encodings = json.loads((folder / "encodings.json").read_text())
+    weights = [e for e in encodings.values() if e["kind"] == "weight"]
+    assert weights and all(
+        len(e["piecewise"]["correction_gain"]) == len(e["scale"]) for e in weights
+    )
+    evaluated = qpp("eval", folder, "--json", "--quiet")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.stdout)["reproduced"] is True
+
+
+def test_pwlq_flags_without_pwlq_are_user_errors(qpp, user_error) -> None:
+    user_error(qpp("quantize", "digits-cnn", "--breakpoints", "2"), "--breakpoints", "pwlq")
+    user_error(
+        qpp("quantize", "digits-cnn", "--bias-correction", "--activation-quantizer", "pwlq"),
+        "--bias-correction",
+        "--weight-quantizer pwlq",
+    )
+    user_error(
+        qpp("quantize", "digits-cnn", "--weight-quantizer", "pwlq", "--pwlq-form", "zigzag"),
+        "zigzag",
+        "non-overlapping",
+    )
+    user_error(qpp("quantize", "digits-cnn", "--weight-quantizer", "pwl"), "pwl", "uniform")
