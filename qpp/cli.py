@@ -173,9 +173,6 @@ def quantize(
     predictor_sources: Annotated[
         str, typer.Option(help="quantizers whose inputs feed predictors (default: the first)")
     ] = "",
-    predictor_anchor: Annotated[
-        str, typer.Option(help="uniform predictors: static (mean input -> static range) or dynamic")
-    ] = "static",
     compare: Annotated[
         bool, typer.Option(help="also evaluate static, predicted and dynamic QPs; one table")
     ] = False,
@@ -253,7 +250,6 @@ def quantize(
             dynamic_estimator=dynamic_estimator,
             predictor_features=predictor_features,
             predictor_sources=predictor_sources,
-            predictor_anchor=predictor_anchor,
             weight_quantizer=weight_quantizer,
             activation_quantizer=activation_quantizer,
             piecewise=piecewise,

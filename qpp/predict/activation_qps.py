@@ -35,7 +35,6 @@ from qpp.predict.qps import (
     parse_mode,
     parse_scheme,
 )
-from qpp.quant.affine import grid_limits
 from qpp.quant.dense_sparse import check_outlier_fraction
 from qpp.report.progress import progress
 from qpp.sim.config import QuantConfig
@@ -59,10 +58,6 @@ class ActivationQPSettings:
     #: Quantizers whose inputs feed a predictor; empty = the first activation quantizer.
     sources: tuple[str, ...] = ()
     ridge: float = 1e-3
-    #: Uniform predictors: "static" keeps the regression's slopes but sets its intercepts so
-    #: that the average input gets the calibrated static range (the estimator's choice over
-    #: the whole calibration set); "dynamic" predicts the per-sample ranges themselves.
-    anchor: str = "static"
 
     def __post_init__(self) -> None:
         parse_mode(self.mode)
@@ -70,8 +65,6 @@ class ActivationQPSettings:
         check_outlier_fraction(self.outlier_fraction)
         check_dynamic_estimator(self.estimator)
         check_feature_names(self.features)
-        if self.anchor not in ("static", "dynamic"):
-            raise ConfigError(f"unknown predictor anchor '{self.anchor}'; use static or dynamic")
         if not self.ridge >= 0:
             raise ConfigError(f"ridge must be >= 0, got {self.ridge}")
 
@@ -266,20 +259,6 @@ def assign_predictions(
         samplers[name].predicted = slot
 
 
-def static_log_qps(
-    samplers: dict[str, SampleQuantizer], targets: list[tuple[str, str]]
-) -> torch.Tensor:
-    """The log of each target's static value: the calibrated grid's ends ``-lo`` and ``hi``."""
-    values = []
-    for name, kind in targets:
-        quantizer = samplers[name].quantizer
-        lo, hi = grid_limits(
-            quantizer.scale, quantizer.zero_point, quantizer.spec.bits, quantizer.spec.is_signed
-        )
-        values.append(float(-lo if kind == "lo" else hi))
-    return torch.log(torch.tensor(values).clamp(min=1e-12))
-
-
 def _targets_of(sampler: SampleQuantizer) -> list[tuple[str, str]]:
     if sampler.scheme is Scheme.DENSE_SPARSE:
         return [(sampler.name, "threshold")]
@@ -392,8 +371,6 @@ def configure_activation_qps(
         r2 = predictor.r_squared(inputs, log_qps)
         for (name, kind), value in zip(targets, r2.tolist(), strict=True):
             handle.fit_r_squared[f"{name}:{kind}"] = round(value, 6)
-        if scheme is Scheme.UNIFORM and settings.anchor == "static":
-            predictor.anchor_intercepts(static_log_qps(samplers, targets))
         handle.predictors.append(predictor)
     handle._install_predictors()
     handle.set_mode(mode.value)
@@ -463,5 +440,4 @@ def settings_from_config(config: QuantConfig) -> ActivationQPSettings:
         estimator=config.dynamic_estimator,
         features=names(config.predictor_features),
         sources=names(config.predictor_sources),
-        anchor=config.predictor_anchor,
     )

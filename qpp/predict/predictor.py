@@ -110,14 +110,6 @@ class LinearQPPredictor:
         standardized = (features - self.feature_mean) / self.feature_std
         return self.weight[0] + standardized @ self.weight[1:]
 
-    def anchor_intercepts(self, log_qps: torch.Tensor) -> None:
-        """Set the intercepts so that the mean calibration features predict ``log_qps``.
-
-        Features are standardized on the calibration set, so the mean prediction is the
-        intercept itself; the slopes (how QPs move with the input) stay as fitted.
-        """
-        self.weight = torch.cat([log_qps.reshape(1, -1).float(), self.weight[1:]]).contiguous()
-
     def r_squared(self, features: torch.Tensor, log_qps: torch.Tensor) -> torch.Tensor:
         """Coefficient of determination per target column (1 = exact)."""
         residual = (log_qps - self.predict_log(features)).square().sum(dim=0)

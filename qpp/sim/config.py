@@ -72,8 +72,6 @@ class QuantConfig:
     predictor_features: str = "mean,max,q0.9,q0.99,q0.999"
     #: Comma-separated quantizers whose inputs feed a predictor ("" = the first one).
     predictor_sources: str = ""
-    #: Uniform predictors: "static" (average input gets the static range) or "dynamic".
-    predictor_anchor: str = "static"
     weight_quantizer: str = "uniform"
     activation_quantizer: str = "uniform"
     piecewise: PiecewiseSpec = field(default_factory=PiecewiseSpec)
