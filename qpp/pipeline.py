@@ -12,6 +12,7 @@ import torch
 from qpp.api import calibrate, limit_samples, prepare, run
 from qpp.data import check_batches
 from qpp.runs import (
+    RunRecord,
     check_encoding_sizes,
     load_weights,
     prepare_output,
@@ -156,21 +157,27 @@ def _quantize(
     return result, quantized
 
 
+def rebuild_run(folder: Path) -> tuple[RunRecord, ZooEntry, torch.nn.Module, QuantizedModel]:
+    """The run saved in ``folder``: its record, source entry, FP32 model and quantized model
+    (weights and encodings loaded and checked, so a folder that does not fit fails fast)."""
+    record = read_run(folder)
+    entry = resolve_source(record.source)
+    fp32 = entry.load_model()
+    batches = check_batches(entry.calibration_set(), "calibration")
+    quantized = prepare(fp32, batches[0], record.config)
+    load_weights(quantized, folder)
+    check_encoding_sizes(quantized, record.encodings)
+    quantized.load_encodings(record.encodings)
+    return record, entry, fp32, quantized
+
+
 def eval_job(folder: Path, show_progress: bool = True) -> tuple[JobResult, dict[str, Any]]:
     """Rebuild the quantized model saved in ``folder`` and evaluate it again.
 
     Returns the new result and the saved report, so callers can check they agree.
     """
     started = time.perf_counter()
-    record = read_run(folder)
-    entry = resolve_source(record.source)
-    fp32 = entry.load_model()
-    # Rebuild and check the saved model first: a folder that does not fit fails fast.
-    batches = check_batches(entry.calibration_set(), "calibration")
-    quantized = prepare(fp32, batches[0], record.config)
-    load_weights(quantized, folder)
-    check_encoding_sizes(quantized, record.encodings)
-    quantized.load_encodings(record.encodings)
+    record, entry, fp32, quantized = rebuild_run(folder)
     fp32_metrics, fp32_outputs, _ = evaluate_entry(entry, fp32, None, show_progress, "fp32")
     quantized_metrics, _, evaluate_seconds = evaluate_entry(
         entry, quantized, fp32_outputs, show_progress, "quantized"
