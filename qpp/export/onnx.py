@@ -19,7 +19,9 @@ The graph is rewritten on a copy of the captured FX graph with ``quantized_decom
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import re
 import warnings
 from collections.abc import Sequence
@@ -381,7 +383,12 @@ def _torch_export(
     from qpp.graph.capture import _torch_reports_silenced
 
     try:
-        with warnings.catch_warnings(), _torch_reports_silenced():
+        # The exporter prints its progress to stdout, which must stay clean for --json.
+        with (
+            warnings.catch_warnings(),
+            _torch_reports_silenced(),
+            contextlib.redirect_stdout(io.StringIO()),
+        ):
             warnings.simplefilter("ignore")
             try:
                 program = torch.onnx.export(

@@ -15,6 +15,10 @@ import torch
 from qpp.report.progress import progress
 
 DEFAULT_THREADS = 2
+#: Parity: ORT may differ from the simulation by this many steps on a quantized output...
+MAX_STEPS = 1.0
+#: ...and by this much on the primary task metric (points; cosines x 100).
+MAX_METRIC_DIFFERENCE = 0.1
 #: Ops of ORT's optimized graph that compute with integers (QDQ fusions and their relatives).
 INTEGER_KERNELS = frozenset(
     {
@@ -134,6 +138,15 @@ class ParityReport:
         return abs(sim - deployed) * scale
 
     @property
+    def passed(self) -> bool:
+        """At most ``MAX_STEPS`` on quantized outputs and the metric within
+        ``MAX_METRIC_DIFFERENCE`` points."""
+        steps = self.max_quantized_steps
+        return (steps is None or steps <= MAX_STEPS) and (
+            self.metric_difference <= MAX_METRIC_DIFFERENCE
+        )
+
+    @property
     def max_quantized_steps(self) -> float | None:
         steps = [o.max_steps for o in self.outputs if o.quantized]
         return max(steps) if steps else None
@@ -145,6 +158,7 @@ class ParityReport:
             "onnxruntime_metrics": self.onnxruntime_metrics,
             "primary_metric": self.primary_metric,
             "metric_difference": self.metric_difference,
+            "passed": self.passed,
             "kernels": None if self.kernels is None else self.kernels.__dict__,
             "notes": self.notes,
         }
