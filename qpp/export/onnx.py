@@ -404,22 +404,31 @@ def _torch_export(
 
 
 def _export_failure(error: BaseException) -> str:
-    text = str(error)
-    op = re.search(r"((?:aten|prims|quantized_decomposed)::?\.?[\w.]+)", text)
+    """One line naming the op the exporter could not translate (from the error's causes)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and len(chain) < 10:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    text = " ".join(str(e) for e in chain)
+    op = re.search(r"OpOverload\(op='([\w.]+)'", text) or re.search(
+        r"target=torch\.ops\.([\w.]+?)(?:\.default)?\]", text
+    )
     what = f"the op {op.group(1)}" if op else "an op of this model"
-    first = text.strip().splitlines()[0][:200] if text.strip() else type(error).__name__
+    reason = str(chain[-1]).strip().splitlines()[0][:160] if str(chain[-1]).strip() else ""
     return (
-        f"the ONNX exporter cannot express {what} ({type(error).__name__}: {first}); "
-        "leave that part of the model out of the export or rewrite it with standard ops"
+        f"the ONNX exporter cannot express {what} ({type(chain[-1]).__name__}: {reason}); "
+        "export a model without it, or rewrite that part with standard ops"
     )
 
 
 def _strip_metadata(proto: object) -> None:
-    """Drop the exporter's per-node metadata (stack traces, module paths): it is a third of
-    a small model's file and says nothing ONNX Runtime uses."""
+    """Drop the exporter's per-node metadata (stack traces, module paths) and intermediate
+    shapes: a third of a small model's file, and nothing ONNX Runtime needs."""
     graph = proto.graph  # type: ignore[attr-defined]
+    del graph.value_info[:]  # intermediate shapes: ORT infers them again
     for node in graph.node:
         del node.metadata_props[:]
-    for value in [*graph.value_info, *graph.input, *graph.output, *graph.initializer]:
+    for value in [*graph.input, *graph.output, *graph.initializer]:
         if hasattr(value, "metadata_props"):
             del value.metadata_props[:]
