@@ -211,11 +211,12 @@ def bench_job(
     time_budget_s: float = 20.0,
     repeats: int = 200,
     reduce_range: bool = True,
-    show_progress: bool = True,
+    extra_models: dict[str, Path] | None = None,
 ) -> BenchResult:
     """Latency in ORT of the FP32 model, qpp's int8 export and ORT's own ``quantize_static``
     int8 model of the same FP32 ONNX (and its 7-bit ``reduce_range`` variant), batch 1 and
-    32, round-robin, median of up to ``repeats`` runs or ``time_budget_s`` per batch size."""
+    32, round-robin, median of up to ``repeats`` runs or ``time_budget_s`` per batch size.
+    ``extra_models`` (label -> ONNX file taking the same inputs) are timed alongside."""
     from qpp.export.ort_reference import preprocess, quantize_static_reference
 
     record, entry, fp32, quantized = rebuild_run(folder)
@@ -239,6 +240,7 @@ def bench_job(
             paths[ORT_INT8_REDUCED] = quantize_static_reference(
                 prepared, calibration, root / "ort_reduced.onnx", reduce_range=True
             )
+        paths.update(extra_models or {})
         kernels = {
             label: KernelReport.from_counts(optimized_op_counts(path, root))
             for label, path in paths.items()
