@@ -8,9 +8,12 @@ integer kernels (QLinearConv, QGemm, QLinearMatMul, MatMulIntegerToFloat):
 - a weight quantizer: its integer weight, stored as an int8 (or shifted uint8, see
   ``qpp.export.isa``) initializer, then ``DequantizeLinear`` (per channel where the simulation
   is), so the file holds one byte per weight;
-- the float bias of a conv/linear whose input and weight are both quantized: int32 at scale
-  ``s_x s_w`` with zero point 0 (eq. 11's accumulator scale), as ORT's QDQ fusions require. Its
-  rounding error is at most ``s_x s_w / 2`` per output, a small fraction of one output step.
+- the float bias of a conv or 2-D linear (ONNX Gemm) whose input and weight are quantized:
+  int32 at scale ``s_x s_w`` with zero point 0 (eq. 11's accumulator scale), as ORT's
+  QLinearConv/QGemm fusions require. Its rounding error is at most ``s_x s_w / 2`` per output;
+  the simulation keeps the bias in float (white paper §2.3), so an output that lies within that
+  distance of a rounding boundary can land one step off. Linear layers on 3-D inputs export as
+  MatMul + Add, and ORT's MatMulIntegerToFloat takes their float bias as it is.
 
 The graph is rewritten on a copy of the captured FX graph with ``quantized_decomposed`` ops, then
 ``torch.onnx.export`` (dynamo) translates them to QuantizeLinear/DequantizeLinear. Nothing in
@@ -42,6 +45,11 @@ from qpp.sim.quantizer import Mode, Quantizer, QuantizerKind
 MAX_EXPORT_BITS = 8
 INT32_RANGE = (-(2**31), 2**31 - 1)
 _decomposed = None
+SHIFTED_NOTE = (
+    "8-bit weights are stored as uint8 shifted by 128 (the same grid), so ONNX Runtime runs its "
+    "exact u8u8 kernels on this CPU, whose u8s8 kernels saturate (no VNNI); quantize with "
+    "--weights 7 to get the faster u8s8 kernels, exact with 7-bit weights"
+)
 
 
 def _quantized_decomposed() -> object:
@@ -67,6 +75,7 @@ class ExportReport:
     opset: int
     #: Quantizers left in float (disabled, or never calibrated).
     float_quantizers: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -355,6 +364,7 @@ def export_onnx(
         int32_biases=lowered.biases,
         opset=opset,
         float_quantizers=lowered.float_quantizers,
+        notes=[SHIFTED_NOTE] if weight_format is WeightFormat.UINT8_SHIFTED else [],
     )
 
 

@@ -23,6 +23,8 @@ def print_export(result: dict[str, Any], console: Console | None = None) -> None
         f"weights {export['weight_format']}: {export['quantized_weights']} quantized weights, "
         f"{export['quantized_activations']} activations, {export['int32_biases']} int32 biases)"
     )
+    for note in export["notes"]:
+        console.print(f"note: {note}")
     if export["float_quantizers"]:
         console.print(f"left in float: {', '.join(export['float_quantizers'])}")
     console.print(f"ORT integer kernels: {_kernels(result['kernels'])}")

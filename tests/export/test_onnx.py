@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +46,8 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Exported:
     fp32 = entry.load_model()
     model = qpp.quantize(fp32, entry.calibration_set())
     path = tmp_path_factory.mktemp("digits") / "digits.onnx"
-    kernels = _export(model, entry.calibration_set()[0], path)
+    model.export_onnx(path, entry.calibration_set()[0], ["x"])
+    kernels = KernelReport.from_counts(optimized_op_counts(path, path.parent))
     return Exported(model, fp32, entry.evaluation_set().batches, path, kernels)
 
 
@@ -147,11 +149,10 @@ def test_seven_bit_weights_export_as_int8_and_stay_exact(digits: Exported, tmp_p
 def test_refuses_existing_files_and_wide_encodings(digits: Exported, tmp_path: Path) -> None:
     with pytest.raises(OutputExistsError, match="--force"):
         export_onnx(digits.model, digits.batches[0], digits.path)
-    wide = qpp.quantize(
-        digits.fp32,
-        [digits.batches[0]],
-        qpp.QuantConfig(overrides={"classifier.weight": qpp.LayerOverride(bits=12)}),
-    )
+    wide = copy.deepcopy(digits.model)
+    quantizer = wide.quantizer("classifier.weight")
+    quantizer.set_spec(quantizer.spec.with_changes(bits=12))
+    quantizer.compute_weight_encoding(wide.weight("classifier.weight"))
     with pytest.raises(ConfigError, match=r"12-bit.*classifier\.weight"):
         export_onnx(wide, digits.batches[0], tmp_path / "wide.onnx")
 
