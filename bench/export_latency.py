@@ -156,6 +156,15 @@ ratios within one model's table are comparable, absolute times less so. ORT int8
 calibration samples) of the same FP32 ONNX; its default 8-bit weights saturate on this CPU,
 `reduce_range` (7-bit weights) does not.
 
+Why float outputs differ by many steps while the metrics agree: ORT's QLinearConv and QGemm take
+the bias in int32 at scale s_x·s_w, while the simulation keeps it in float (white paper §2.3);
+that rounding (at most half an accumulator step) moves a few pre-activations across a rounding
+boundary, and these models amplify one-step changes (ppocr-cls: rounding the bias of any single
+conv alone moves its softmax output by 38-53 range/255 steps; exported without int32 biases the
+same graph matches the simulation within 0.08 steps; MiniLM: a 1e-6 relative change of one
+activation scale moves its embedding by about 10 steps). Simulating the bias on the int32
+accumulator grid would remove this gap.
+
 {tables}
 {END_MARK}"""
 
