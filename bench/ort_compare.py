@@ -358,57 +358,14 @@ def fp32_onnx(entry, model, example, names: list[str], folder: Path) -> tuple[Pa
     return path, f"torch.onnx.export ({exporter})"
 
 
-def pin_for_quantization(model: Path, example: dict[str, np.ndarray], output: Path) -> list[str]:
-    """Opset 13 or later (per-channel DequantizeLinear needs its ``axis``, new in opset 13) and
-    every input dimension but the batch pinned to ``example``'s, so that ORT's symbolic shape
-    inference can follow the graph. Returns what was changed."""
-    import onnx
-    import onnx.version_converter
-
-    proto = onnx.load(str(model))
-    changes = []
-    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-    if opset < 13:
-        proto = onnx.version_converter.convert_version(proto, 13)
-        changes.append(f"opset {opset} → 13")
-    for graph_input in proto.graph.input:
-        if graph_input.name not in example:
-            continue
-        dims = graph_input.type.tensor_type.shape.dim
-        dims[0].dim_param = "batch"
-        for dim, size in zip(dims[1:], example[graph_input.name].shape[1:], strict=True):
-            if dim.dim_value != size:
-                dim.dim_value = size
-                changes.append(
-                    f"{graph_input.name} pinned to batch x {example[graph_input.name].shape[1:]}"
-                )
-    onnx.save(proto, str(output))
-    return sorted(set(changes))
-
-
 def preprocess(model: Path, example: dict[str, np.ndarray], folder: Path) -> tuple[Path, str]:
-    """The model ORT quantizes: pinned (``pin_for_quantization``), then ``quant_pre_process``
-    (shape inference and ORT's basic optimizations, e.g. folding BatchNormalization into Conv),
-    trying auto-merged and no symbolic shape inference when that fails."""
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    """The model ORT quantizes (``qpp.export.ort_reference.preprocess``), logging failures."""
+    from qpp.export.ort_reference import preprocess as ort_preprocess
 
-    pinned, output = folder / "pinned.onnx", folder / "preprocessed.onnx"
-    changes = pin_for_quantization(model, example, pinned)
-    pinned_note = f"{', '.join(changes)}; " if changes else ""
-    attempts = {
-        "quant_pre_process": {},
-        "quant_pre_process (auto_merge)": {"auto_merge": True},
-        "quant_pre_process without symbolic shape inference": {"skip_symbolic_shape": True},
-    }
-    for how, options in attempts.items():
-        start = time.perf_counter()
-        try:
-            quant_pre_process(str(pinned), str(output), **options)
-        except Exception as error:  # ORT's preprocessing fails on some graphs; say so
-            log(f"  {how} failed: {type(error).__name__}: {str(error)[:200]}")
-            continue
-        return output, f"{pinned_note}{how} ({time.perf_counter() - start:.1f} s)"
-    return pinned, f"{pinned_note}quant_pre_process failed, quantized without it"
+    output, how, failures = ort_preprocess(model, example, folder)
+    for failure in failures:
+        log(f"  {failure}")
+    return output, how
 
 
 def qpp_w8a8(entry) -> tuple[dict[str, float], float, dict[str, float]]:

@@ -358,6 +358,60 @@ def eval_command(
         stdout.print(f"metrics are {verdict} the saved report")
 
 
+@app.command("export")
+@user_errors
+def export_command(
+    folder: Annotated[Path, typer.Argument(help="a folder written by qpp quantize")],
+    onnx: Annotated[Path, typer.Option("--onnx", help="the ONNX file to write")],
+    check: Annotated[
+        bool, typer.Option(help="compare ONNX Runtime with the simulation on the evaluation set")
+    ] = False,
+    force: Annotated[bool, typer.Option(help="replace an existing --onnx file")] = False,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="print one JSON object and nothing else")
+    ] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """Export a saved quantized model as an ONNX QDQ graph that ONNX Runtime runs in int8."""
+    _quiet_libraries()
+    from qpp.export.job import export_job
+
+    result = export_job(folder, onnx, check, force, show_progress=not quiet)
+    data = result.as_dict()
+    if json_output:
+        print(json.dumps(data))
+    else:
+        from qpp.report.export import print_export
+
+        print_export(data, stdout)
+    if result.parity is not None and not result.parity.passed:
+        raise typer.Exit(1)
+
+
+@app.command("bench")
+@user_errors
+def bench_command(
+    folder: Annotated[Path, typer.Argument(help="a folder written by qpp quantize")],
+    seconds: Annotated[
+        float, typer.Option(help="time budget per batch size for the repeated runs")
+    ] = 20.0,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="print one JSON object and nothing else")
+    ] = False,
+) -> None:
+    """ONNX Runtime latency, batch 1 and 32: FP32 vs qpp int8 vs ORT's own quantize_static."""
+    _quiet_libraries()
+    from qpp.export.job import bench_job
+
+    result = bench_job(folder, time_budget_s=seconds)
+    if json_output:
+        print(json.dumps(result.as_dict()))
+    else:
+        from qpp.report.export import print_bench
+
+        print_bench(result.as_dict(), stdout)
+
+
 def main() -> None:
     app()
 

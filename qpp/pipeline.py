@@ -20,6 +20,7 @@ from qpp.predict import (
 from qpp.predict.activation_qps import LayerDensity
 from qpp.predict.cost import model_flops
 from qpp.runs import (
+    RunRecord,
     load_weights,
     prepare_output,
     read_run,
@@ -282,20 +283,26 @@ def _quantize(
     return result, quantized, activation_qps, comparison
 
 
+def rebuild_run(folder: Path) -> tuple[RunRecord, ZooEntry, torch.nn.Module, QuantizedModel]:
+    """The run saved in ``folder``: its record, source entry, FP32 model and quantized model
+    (weights and encodings loaded and checked, so a folder that does not fit fails fast)."""
+    record = read_run(folder)
+    entry = resolve_source(record.source)
+    fp32 = entry.load_model()
+    batches = check_batches(entry.calibration_set(), "calibration")
+    quantized = prepare(fp32, batches[0], record.config)
+    load_weights(quantized, folder)
+    quantized.load_encodings(record.encodings)
+    return record, entry, fp32, quantized
+
+
 def eval_job(folder: Path, show_progress: bool = True) -> tuple[JobResult, dict[str, Any]]:
     """Rebuild the quantized model saved in ``folder`` and evaluate it again.
 
     Returns the new result and the saved report, so callers can check they agree.
     """
     started = time.perf_counter()
-    record = read_run(folder)
-    entry = resolve_source(record.source)
-    fp32 = entry.load_model()
-    # Rebuild and check the saved model first: a folder that does not fit fails fast.
-    batches = check_batches(entry.calibration_set(), "calibration")
-    quantized = prepare(fp32, batches[0], record.config)
-    load_weights(quantized, folder)
-    quantized.load_encodings(record.encodings)
+    record, entry, fp32, quantized = rebuild_run(folder)
     qp_settings = settings_from_config(record.config)
     activation_qps = (
         load_activation_qps(quantized, folder, qp_settings)

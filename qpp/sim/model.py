@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch.fx import GraphModule, Node
@@ -161,6 +162,19 @@ class QuantizedModel(torch.nn.Module):
     def weight_quantizers(self) -> Iterator[tuple[Quantizer, torch.Tensor]]:
         for name in self._weight_targets:
             yield self._by_name[name], self.weight(name)
+
+    def export_onnx(
+        self,
+        path: str | Path,
+        example_inputs: Sequence[torch.Tensor],
+        input_names: Sequence[str] | None = None,
+        force: bool = False,
+    ) -> object:
+        """Write this model as an ONNX QDQ graph for ONNX Runtime (``qpp.export.onnx``, which
+        picks the weight format that stays exact on this CPU); returns its ``ExportReport``."""
+        from qpp.export.onnx import export_onnx
+
+        return export_onnx(self, example_inputs, Path(path), None, input_names, force)
 
     # --- calibration ----------------------------------------------------------------------------
 

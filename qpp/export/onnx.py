@@ -1,0 +1,456 @@
+"""ONNX QDQ export of a ``QuantizedModel``.
+
+Each quantizer of the captured graph becomes the ops ONNX Runtime's QDQ optimizer fuses into
+integer kernels (QLinearConv, QGemm, QLinearMatMul, MatMulIntegerToFloat):
+
+- an activation quantizer: ``QuantizeLinear -> DequantizeLinear`` with its scale and zero point
+  (white paper eq. 3-4: ONNX rounds half to even and saturates, as ``qpp.quant.affine`` does);
+- a weight quantizer: its integer weight, stored as an int8 (or shifted uint8, see
+  ``qpp.export.isa``) initializer, then ``DequantizeLinear`` (per channel where the simulation
+  is), so the file holds one byte per weight;
+- the float bias of a conv or 2-D linear (ONNX Gemm) whose input and weight are quantized:
+  int32 at scale ``s_x s_w`` with zero point 0 (eq. 11's accumulator scale), as ORT's
+  QLinearConv/QGemm fusions require. Its rounding error is at most ``s_x s_w / 2`` per output;
+  the simulation keeps the bias in float (white paper §2.3), so an output that lies within that
+  distance of a rounding boundary can land one step off. Linear layers on 3-D inputs export as
+  MatMul + Add, and ORT's MatMulIntegerToFloat takes their float bias as it is.
+
+The graph is rewritten on a copy of the captured FX graph with ``quantized_decomposed`` ops, then
+``torch.onnx.export`` (dynamo) translates them to QuantizeLinear/DequantizeLinear. Nothing in
+``qpp.sim`` knows about this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.fx import GraphModule, Node
+
+from qpp.errors import ConfigError, OutputExistsError, UnsupportedOpError
+from qpp.export.isa import CpuIsa, WeightFormat, detect_isa
+from qpp.graph.ops import OpKind, op_kind
+from qpp.sim.model import QUANTIZER_ROOT, QuantizedModel
+from qpp.sim.quantizer import Mode, Quantizer, QuantizerKind
+
+#: ONNX QuantizeLinear/DequantizeLinear carry 8-bit integers with integer kernels behind them;
+#: narrower encodings live in an 8-bit container (their values stay on their own grid).
+MAX_EXPORT_BITS = 8
+INT32_RANGE = (-(2**31), 2**31 - 1)
+_decomposed = None
+SHIFTED_NOTE = (
+    "8-bit weights are stored as uint8 shifted by 128 (the same grid), so ONNX Runtime runs its "
+    "exact u8u8 kernels on this CPU, whose u8s8 kernels saturate (no VNNI); quantize with "
+    "--weights 7 to get the faster u8s8 kernels, exact with 7-bit weights"
+)
+
+
+def _quantized_decomposed() -> object:
+    """``torch.ops.quantized_decomposed`` (registered by importing torch's ``_decomposed``)."""
+    global _decomposed
+    if _decomposed is None:
+        import torch.ao.quantization.fx._decomposed  # registers the ops
+
+        _decomposed = torch.ops.quantized_decomposed
+    return _decomposed
+
+
+@dataclass
+class ExportReport:
+    """What ``export_onnx`` wrote."""
+
+    path: str
+    weight_format: str
+    bytes: int
+    quantized_weights: int
+    quantized_activations: int
+    int32_biases: int
+    opset: int
+    #: Quantizers left in float (disabled, or never calibrated).
+    float_quantizers: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Lowered:
+    graph_module: GraphModule
+    #: Output node of each lowered quantizer -> its (per-tensor or per-channel) scale.
+    scales: dict[Node, torch.Tensor]
+    weights: int = 0
+    activations: int = 0
+    biases: int = 0
+    float_quantizers: list[str] = field(default_factory=list)
+
+
+def check_exportable(model: QuantizedModel) -> None:
+    """Refuse encodings that an ONNX QDQ graph with integer kernels cannot hold."""
+    config = model.config
+    if config.activation_ranges != "static" or config.activation_scheme != "uniform":
+        raise ConfigError(
+            f"per-input activation QPs ({config.activation_ranges}, {config.activation_scheme}) "
+            "cannot be exported to ONNX yet; quantize with --activation-ranges static "
+            "--scheme uniform to export"
+        )
+    for name in model.names:
+        quantizer = model.quantizer(name)
+        if _is_active(quantizer) and quantizer.spec.piecewise is not None:
+            raise ConfigError(
+                f"quantizer '{name}' is piecewise linear (PWLQ), which the ONNX export does not "
+                "express yet; export a uniform quantization (--weight-quantizer uniform)"
+            )
+        if _is_active(quantizer) and quantizer.spec.bits > MAX_EXPORT_BITS:
+            raise ConfigError(
+                f"quantizer '{name}' has {quantizer.spec.bits}-bit encodings, which ONNX "
+                f"QDQ integer kernels cannot hold; quantize again with at most "
+                f"{MAX_EXPORT_BITS} bits there (e.g. --override '{name}:bits=8') or disable it"
+            )
+
+
+def _is_active(quantizer: Quantizer) -> bool:
+    """True when the simulation fake-quantizes with this quantizer (see ``Quantizer.forward``)."""
+    return quantizer.enabled and quantizer.mode is not Mode.OFF and quantizer.calibrated
+
+
+def choose_weight_format(model: QuantizedModel, isa: CpuIsa) -> WeightFormat:
+    """The weight format that ORT's kernels compute exactly on ``isa`` for every weight."""
+    formats = {
+        isa.weight_format(quantizer.spec.bits, quantizer.spec.is_signed)
+        for quantizer, _ in model.weight_quantizers()
+        if _is_active(quantizer)
+    }
+    shifted = WeightFormat.UINT8_SHIFTED
+    return shifted if shifted in formats else WeightFormat.INT8
+
+
+def output_scales(model: QuantizedModel) -> list[float | None]:
+    """For each graph output, the scale of the quantizer producing it (``None``: float)."""
+    graph_module = model.graph_module
+    output = next(n for n in graph_module.graph.nodes if n.op == "output")
+    values = output.args[0] if isinstance(output.args[0], tuple | list) else (output.args[0],)
+    scales: list[float | None] = []
+    for value in values:
+        scale = None
+        if isinstance(value, Node) and value.op == "call_module":
+            module = graph_module.get_submodule(str(value.target))
+            if isinstance(module, Quantizer) and _is_active(module) and module.axis is None:
+                scale = float(module.scale)
+        scales.append(scale)
+    return scales
+
+
+def lower_quantizers(model: QuantizedModel, weight_format: WeightFormat) -> GraphModule:
+    """A copy of ``model``'s graph with every quantizer replaced by quantize/dequantize ops.
+
+    Computes in torch exactly what the exported ONNX graph computes (int32 biases included), so
+    it is also the reference for the export's own tests.
+    """
+    return _lower(model, weight_format).graph_module
+
+
+def _lower(model: QuantizedModel, weight_format: WeightFormat) -> _Lowered:
+    check_exportable(model)
+    graph_module = copy.deepcopy(model.graph_module)
+    lowered = _Lowered(graph_module, {})
+    graph = graph_module.graph
+    for node in list(graph.nodes):
+        if node.op != "call_module" or not str(node.target).startswith(f"{QUANTIZER_ROOT}."):
+            continue
+        quantizer = graph_module.get_submodule(str(node.target))
+        assert isinstance(quantizer, Quantizer)
+        value = node.args[0]
+        assert isinstance(value, Node)
+        if not _is_active(quantizer):
+            lowered.float_quantizers.append(quantizer.name)
+            replacement = value
+        elif quantizer.kind is QuantizerKind.WEIGHT:
+            replacement = _lower_weight(lowered, node, quantizer, value, weight_format)
+            lowered.weights += 1
+        else:
+            replacement = _lower_activation(lowered, node, quantizer, value)
+            lowered.activations += 1
+        node.replace_all_uses_with(replacement)
+        graph.erase_node(node)
+    _quantize_biases(lowered)
+    graph.eliminate_dead_code()
+    if hasattr(graph_module, QUANTIZER_ROOT):
+        delattr(graph_module, QUANTIZER_ROOT)
+    graph_module.delete_all_unused_submodules()
+    graph.lint()
+    graph_module.recompile()
+    return lowered
+
+
+def _attribute(graph_module: GraphModule, target: str) -> torch.Tensor:
+    owner, _, leaf = target.rpartition(".")
+    module = graph_module.get_submodule(owner) if owner else graph_module
+    return getattr(module, leaf)
+
+
+def _constant(lowered: _Lowered, stem: str, tensor: torch.Tensor) -> Node:
+    """A new buffer on the graph module, read by a ``get_attr`` node at the insertion point."""
+    graph_module = lowered.graph_module
+    name = "qpp_export_" + re.sub(r"\W", "_", stem)
+    while hasattr(graph_module, name):
+        name += "_"
+    graph_module.register_buffer(name, tensor.detach().clone())
+    return graph_module.graph.get_attr(name)
+
+
+def _lower_weight(
+    lowered: _Lowered,
+    node: Node,
+    quantizer: Quantizer,
+    weight: Node,
+    weight_format: WeightFormat,
+) -> Node:
+    ops = _quantized_decomposed()
+    tensor = _attribute(lowered.graph_module, str(weight.target))
+    integer = quantizer.integer(tensor)
+    values, zero_point = integer.values, quantizer.zero_point.round().to(torch.int64)
+    qmin, qmax = quantizer.integer_range
+    if quantizer.spec.is_signed and weight_format is WeightFormat.UINT8_SHIFTED:
+        values, zero_point, qmin, qmax = values + 128, zero_point + 128, qmin + 128, qmax + 128
+    dtype = torch.int8 if qmin < 0 else torch.uint8
+    graph = lowered.graph_module.graph
+    with graph.inserting_before(node):
+        stored = _constant(lowered, quantizer.name, values.to(dtype))
+        if quantizer.axis is None:
+            output = graph.call_function(
+                ops.dequantize_per_tensor.default,  # type: ignore[attr-defined]
+                (stored, float(quantizer.scale), int(zero_point), qmin, qmax, dtype),
+            )
+        else:
+            scales = _constant(lowered, f"{quantizer.name}.scale", quantizer.scale.float())
+            zero_points = _constant(lowered, f"{quantizer.name}.zero_point", zero_point)
+            output = graph.call_function(
+                ops.dequantize_per_channel.default,  # type: ignore[attr-defined]
+                (stored, scales, zero_points, quantizer.axis % tensor.ndim, qmin, qmax, dtype),
+            )
+    output.meta = dict(node.meta)
+    lowered.scales[output] = quantizer.scale
+    return output
+
+
+def _lower_activation(lowered: _Lowered, node: Node, quantizer: Quantizer, value: Node) -> Node:
+    if quantizer.axis is not None:
+        raise UnsupportedOpError(
+            f"activation quantizer '{quantizer.name}' is per-channel, which ONNX Runtime's "
+            "integer kernels do not take; quantize again with --activation-granularity "
+            "per-tensor"
+        )
+    ops = _quantized_decomposed()
+    qmin, qmax = quantizer.integer_range
+    dtype = torch.int8 if quantizer.spec.is_signed else torch.uint8
+    container = torch.iinfo(dtype)
+    scale, zero_point = float(quantizer.scale), int(quantizer.zero_point)
+    graph = lowered.graph_module.graph
+    with graph.inserting_before(node):
+        source = value
+        if (qmin, qmax) != (container.min, container.max):
+            # A narrower grid in an 8-bit container: clip in float to the grid's ends, which
+            # QuantizeLinear then maps exactly onto qmin and qmax (it saturates only at 0/255).
+            low, high = scale * (qmin - zero_point), scale * (qmax - zero_point)
+            source = graph.call_function(torch.ops.aten.clamp.default, (value, low, high))
+        quantized = graph.call_function(
+            ops.quantize_per_tensor.default,  # type: ignore[attr-defined]
+            (source, scale, zero_point, qmin, qmax, dtype),
+        )
+        output = graph.call_function(
+            ops.dequantize_per_tensor.default,  # type: ignore[attr-defined]
+            (quantized, scale, zero_point, qmin, qmax, dtype),
+        )
+    output.meta = dict(node.meta)
+    lowered.scales[output] = quantizer.scale
+    return output
+
+
+def _quantize_biases(lowered: _Lowered) -> None:
+    """Store the bias of each conv/linear with quantized input and weight as int32 at scale
+    ``s_x s_w`` (white paper eq. 11; ORT's QDQ fusion needs a dequantized int32 bias)."""
+    ops = _quantized_decomposed()
+    graph_module = lowered.graph_module
+    graph = graph_module.graph
+    for node in list(graph.nodes):
+        if op_kind(node) not in (OpKind.CONV, OpKind.LINEAR) or len(node.args) < 3:
+            continue
+        if node.target in (torch.ops.aten.addmm.default, torch.addmm):
+            continue
+        activation, weight, bias = node.args[:3]
+        while (
+            isinstance(activation, Node)
+            and activation not in lowered.scales
+            and op_kind(activation) is OpKind.LAYOUT
+        ):
+            activation = activation.args[0]
+        if not (
+            isinstance(bias, Node)
+            and bias.op == "get_attr"
+            and activation in lowered.scales
+            and weight in lowered.scales
+            and lowered.scales[activation].numel() == 1
+        ):
+            continue
+        if op_kind(node) is OpKind.LINEAR and _rank(node.args[0]) != 2:
+            # Exported as MatMul + Add: ORT's MatMulIntegerToFloat takes the float bias as is,
+            # so it keeps the simulation's float bias (no rounding at all).
+            continue
+        float_bias = _attribute(graph_module, str(bias.target))
+        scale = (lowered.scales[activation].double() * lowered.scales[weight].double()).reshape(-1)
+        scale = scale.expand(float_bias.shape[0]).contiguous()
+        integer = torch.round(float_bias.double() / scale)
+        if bool((integer.abs() > INT32_RANGE[1]).any()):
+            continue  # a bias beyond int32 at this scale stays float (the op then runs in float)
+        with graph.inserting_before(node):
+            stored = _constant(lowered, f"{bias.target}.int32", integer.to(torch.int32))
+            scales = _constant(lowered, f"{bias.target}.scale", scale.float())
+            zero_points = _constant(
+                lowered, f"{bias.target}.zero_point", torch.zeros_like(integer, dtype=torch.int64)
+            )
+            dequantized = graph.call_function(
+                ops.dequantize_per_channel.default,  # type: ignore[attr-defined]
+                (stored, scales, zero_points, 0, *INT32_RANGE, torch.int32),
+            )
+        node.replace_input_with(bias, dequantized)
+        lowered.biases += 1
+
+
+def _rank(value: object) -> int | None:
+    meta = value.meta.get("val") if isinstance(value, Node) else None
+    return meta.ndim if isinstance(meta, torch.Tensor) else None
+
+
+# --- ONNX --------------------------------------------------------------------------------------
+
+
+def check_output_path(path: Path, force: bool) -> None:
+    """Refuse a folder, and an existing file unless ``force``."""
+    if path.is_dir():
+        raise OutputExistsError(f"{path} is a folder; pass a file name such as model.onnx")
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path} already exists; choose another --onnx or pass --force")
+
+
+def export_onnx(
+    model: QuantizedModel,
+    example_inputs: Sequence[torch.Tensor],
+    path: Path,
+    weight_format: WeightFormat | None = None,
+    input_names: Sequence[str] | None = None,
+    force: bool = False,
+) -> ExportReport:
+    """Write ``model`` as an ONNX QDQ graph to ``path`` (dim 0 of every input dynamic).
+
+    ``weight_format=None`` picks the format that stays exact on this machine's CPU
+    (``choose_weight_format``).
+    """
+    path = Path(path)
+    check_output_path(path, force)
+    if weight_format is None:
+        weight_format = choose_weight_format(model, detect_isa())
+    lowered = _lower(model, weight_format)
+    inputs = tuple(example_inputs)
+    names = list(input_names) if input_names else [f"input{i}" for i in range(len(inputs))]
+    proto = _torch_export(lowered.graph_module, inputs, names)
+    _strip_metadata(proto)
+    import onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(path))
+    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    return ExportReport(
+        path=str(path),
+        weight_format=weight_format.value,
+        bytes=path.stat().st_size,
+        quantized_weights=lowered.weights,
+        quantized_activations=lowered.activations,
+        int32_biases=lowered.biases,
+        opset=opset,
+        float_quantizers=lowered.float_quantizers,
+        notes=[SHIFTED_NOTE] if weight_format is WeightFormat.UINT8_SHIFTED else [],
+    )
+
+
+def export_float_onnx(
+    model: torch.nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    path: Path,
+    input_names: Sequence[str] | None = None,
+) -> None:
+    """The FP32 model as ONNX, exported the same way as the QDQ graph (for comparisons)."""
+    import onnx
+
+    inputs = tuple(example_inputs)
+    names = list(input_names) if input_names else [f"input{i}" for i in range(len(inputs))]
+    proto = _torch_export(model, inputs, names)
+    _strip_metadata(proto)
+    onnx.save(proto, str(path))
+
+
+def _torch_export(
+    model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str]
+) -> object:
+    """``torch.onnx.export`` (dynamo) to an in-memory ``ModelProto``; a failure names the op."""
+    batch = torch.export.Dim("batch")
+    dynamic = tuple({0: batch} if x.ndim > 0 else None for x in inputs)
+    from qpp.graph.capture import _torch_reports_silenced
+
+    try:
+        # The exporter prints its progress to stdout, which must stay clean for --json.
+        with (
+            warnings.catch_warnings(),
+            _torch_reports_silenced(),
+            contextlib.redirect_stdout(io.StringIO()),
+        ):
+            warnings.simplefilter("ignore")
+            try:
+                program = torch.onnx.export(
+                    model, inputs, dynamo=True, input_names=names, dynamic_shapes=dynamic
+                )
+            except Exception:
+                # Models whose batch size is baked in (a reshape to a constant) export static.
+                program = torch.onnx.export(model, inputs, dynamo=True, input_names=names)
+    except Exception as error:
+        raise UnsupportedOpError(_export_failure(error)) from None
+    assert program is not None
+    return program.model_proto
+
+
+def _export_failure(error: BaseException) -> str:
+    """One line naming the op the exporter could not translate (from the error's causes)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and len(chain) < 10:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    text = " ".join(str(e) for e in chain)
+    op = re.search(r"OpOverload\(op='([\w.]+)'", text) or re.search(
+        r"target=torch\.ops\.([\w.]+?)(?:\.default)?\]", text
+    )
+    what = f"the op {op.group(1)}" if op else "an op of this model"
+    reason = str(chain[-1]).strip().splitlines()[0][:160] if str(chain[-1]).strip() else ""
+    return (
+        f"the ONNX exporter cannot express {what} ({type(chain[-1]).__name__}: {reason}); "
+        "export a model without it, or rewrite that part with standard ops"
+    )
+
+
+def _strip_metadata(proto: object) -> None:
+    """Drop the exporter's per-node metadata (stack traces, module paths) and intermediate
+    shapes: a third of a small model's file, and nothing ONNX Runtime needs."""
+    graph = proto.graph  # type: ignore[attr-defined]
+    del graph.value_info[:]  # intermediate shapes: ORT infers them again
+    for node in graph.node:
+        del node.metadata_props[:]
+    for value in [*graph.input, *graph.output, *graph.initializer]:
+        if hasattr(value, "metadata_props"):
+            del value.metadata_props[:]

@@ -1,0 +1,214 @@
+"""The QDQ export: what the file holds, which kernels ORT runs, and parity with the simulation."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+import qpp
+from qpp.errors import ConfigError, OutputExistsError
+from qpp.export.isa import WeightFormat, detect_isa
+from qpp.export.onnx import choose_weight_format, export_onnx, lower_quantizers, output_scales
+from qpp.export.ort import (
+    KernelReport,
+    check_parity,
+    make_session,
+    optimized_op_counts,
+    run_session,
+)
+from qpp.zoo.digits import DigitsCNN
+
+
+@dataclass
+class Exported:
+    model: qpp.QuantizedModel
+    fp32: torch.nn.Module
+    batches: list[tuple[torch.Tensor, ...]]
+    path: Path
+    kernels: KernelReport
+
+
+def _export(model: qpp.QuantizedModel, example, path: Path, fmt: WeightFormat | None = None):
+    export_onnx(model, example, path, fmt, ["x"] if len(example) == 1 else None)
+    return KernelReport.from_counts(optimized_op_counts(path, path.parent))
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    entry = DigitsCNN(num_calibration=32)
+    fp32 = entry.load_model()
+    model = qpp.quantize(fp32, entry.calibration_set())
+    path = tmp_path_factory.mktemp("digits") / "digits.onnx"
+    model.export_onnx(path, entry.calibration_set()[0], ["x"])
+    kernels = KernelReport.from_counts(optimized_op_counts(path, path.parent))
+    return Exported(model, fp32, entry.evaluation_set().batches, path, kernels)
+
+
+def test_orts_optimizer_runs_every_conv_and_linear_in_integers(digits: Exported) -> None:
+    assert digits.kernels.integer == {"QLinearConv": 5, "QGemm": 1}
+    assert digits.kernels.float_compute == {}
+
+
+def test_weights_are_stored_as_bytes_on_the_simulated_grid(digits: Exported) -> None:
+    proto = onnx.load(str(digits.path))
+    initializers = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    expected_dtype = np.uint8 if detect_isa().u8s8_saturates else np.int8
+    dequantized = []
+    for node in proto.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in initializers:
+            continue
+        values = initializers[node.input[0]]
+        if values.dtype == np.int32:  # a bias
+            continue
+        assert values.dtype == expected_dtype
+        scale, zero_point = initializers[node.input[1]], initializers[node.input[2]]
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        shape = [1] * values.ndim
+        shape[axis] = -1
+        dequantized.append(
+            (values.astype(np.float64) - zero_point.reshape(shape)) * scale.reshape(shape)
+        )
+    simulated = [q(w).detach().double().numpy() for q, w in digits.model.weight_quantizers()]
+    assert len(dequantized) == len(simulated) == 6
+    for weight in simulated:
+        assert any(
+            w.shape == weight.shape and np.allclose(w, weight, rtol=1e-6, atol=0)
+            for w in dequantized
+        )
+
+
+def test_file_is_a_fraction_of_float(digits: Exported) -> None:
+    float_bytes = 4 * sum(p.numel() for p in digits.fp32.parameters())
+    # digits-cnn has 42 k weights, so per-channel scales, int32 biases and the graph weigh in;
+    # the zoo's larger models land near a quarter of their FP32 ONNX (docs/benchmarks.md).
+    assert digits.path.stat().st_size <= 0.35 * float_bytes
+
+
+def test_ort_reproduces_the_simulation(digits: Exported) -> None:
+    simulated = qpp.run(digits.model, digits.batches)
+    reference = qpp.run(digits.fp32, digits.batches)
+    deployed = run_session(make_session(digits.path), digits.batches)
+    lowered = qpp.run(
+        lower_quantizers(digits.model, choose_weight_format(digits.model, detect_isa())),
+        digits.batches,
+    )
+    report = check_parity(
+        [simulated],
+        deployed,
+        output_scales(digits.model),
+        lambda outputs: {"cosine": float(torch.cosine_similarity(outputs, reference).mean())},
+        "cosine",
+    )
+    assert report.outputs[0].max_steps <= 1.0
+    assert report.metric_difference <= 0.1
+    assert report.passed
+    # ORT computes what the lowered torch graph computes (same integer biases, same grids);
+    # torch's quantize multiplies by 1/s where ORT divides, so a rare value lands one step off.
+    difference = np.abs(deployed[0] - lowered.numpy())
+    assert difference.max() <= report.outputs[0].step
+    assert (difference <= 1e-5).mean() >= 0.95
+    assert (deployed[0].argmax(1) == simulated.argmax(1).numpy()).all()
+
+
+def test_signed_int8_weights_saturate_ort_on_cpus_without_vnni(
+    digits: Exported, tmp_path: Path
+) -> None:
+    """Why the export shifts 8-bit weights to uint8 here: int8 weights drift from the sim."""
+    path = tmp_path / "int8.onnx"
+    _export(digits.model, digits.batches[0], path, WeightFormat.INT8)
+    lowered = qpp.run(lower_quantizers(digits.model, WeightFormat.INT8), digits.batches)
+    deployed = run_session(make_session(path), digits.batches)[0]
+    difference = np.abs(deployed - lowered.numpy()).max() / np.abs(lowered.numpy()).max()
+    if detect_isa().u8s8_saturates:
+        assert difference > 1e-3
+    else:
+        assert difference <= 1e-3
+
+
+def test_seven_bit_weights_export_as_int8_and_stay_exact(digits: Exported, tmp_path: Path) -> None:
+    entry = DigitsCNN(num_calibration=32)
+    model = qpp.quantize(digits.fp32, entry.calibration_set(), qpp.QuantConfig(weight_bits=7))
+    assert choose_weight_format(model, detect_isa()) is WeightFormat.INT8
+    path = tmp_path / "w7.onnx"
+    kernels = _export(model, digits.batches[0], path)
+    assert kernels.integer == {"QLinearConv": 5, "QGemm": 1}
+    lowered = qpp.run(lower_quantizers(model, WeightFormat.INT8), digits.batches).numpy()
+    deployed = run_session(make_session(path), digits.batches)[0]
+    difference = np.abs(deployed - lowered)
+    assert difference.max() <= (lowered.max() - lowered.min()) / 255
+    assert (difference <= 1e-5).mean() >= 0.95
+
+
+def test_refuses_existing_files_and_wide_encodings(digits: Exported, tmp_path: Path) -> None:
+    with pytest.raises(OutputExistsError, match="--force"):
+        export_onnx(digits.model, digits.batches[0], digits.path)
+    wide = copy.deepcopy(digits.model)
+    quantizer = wide.quantizer("classifier.weight")
+    quantizer.set_spec(quantizer.spec.with_changes(bits=12))
+    quantizer.compute_weight_encoding(wide.weight("classifier.weight"))
+    with pytest.raises(ConfigError, match=r"12-bit.*classifier\.weight"):
+        export_onnx(wide, digits.batches[0], tmp_path / "wide.onnx")
+
+
+# --- a transformer block -----------------------------------------------------------------------
+
+
+class TinyEncoder(torch.nn.Module):
+    """Two pre-norm attention + MLP layers on N x 16 x 32 token features."""
+
+    def __init__(self, width: int = 32, layers: int = 2) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.ModuleDict(
+                {
+                    "norm1": torch.nn.LayerNorm(width),
+                    "qkv": torch.nn.Linear(width, 3 * width),
+                    "proj": torch.nn.Linear(width, width),
+                    "norm2": torch.nn.LayerNorm(width),
+                    "up": torch.nn.Linear(width, 2 * width),
+                    "down": torch.nn.Linear(2 * width, width),
+                }
+            )
+            for _ in range(layers)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            q, k, v = block["qkv"](block["norm1"](x)).chunk(3, dim=-1)
+            attention = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+            x = x + block["proj"](attention @ v)
+            x = x + block["down"](torch.nn.functional.gelu(block["up"](block["norm2"](x))))
+        return x
+
+
+def test_attention_block_runs_on_integer_matmuls(tmp_path: Path) -> None:
+    generator = torch.Generator().manual_seed(0)
+    fp32 = TinyEncoder().eval()
+    calibration = [(torch.randn(8, 16, 32, generator=generator),) for _ in range(4)]
+    evaluation = [(torch.randn(8, 16, 32, generator=generator),) for _ in range(2)]
+    model = qpp.quantize(fp32, calibration)
+    path = tmp_path / "encoder.onnx"
+    kernels = _export(model, calibration[0], path)
+    # 4 linears per layer, and QK^T and attention @ V with both operands quantized.
+    assert sum(kernels.integer.values()) == 12
+    assert "MatMulIntegerToFloat" in kernels.integer or "QLinearMatMul" in kernels.integer
+    assert kernels.float_compute == {}
+    reference = qpp.run(fp32, evaluation)
+    simulated = qpp.run(model, evaluation)
+    deployed = run_session(make_session(path), evaluation)
+    report = check_parity(
+        [simulated],
+        deployed,
+        output_scales(model),
+        lambda out: {"cosine": float(torch.cosine_similarity(out, reference, dim=-1).mean())},
+        "cosine",
+    )
+    assert report.passed, report.as_dict()
+    assert report.outputs[0].max_steps <= 1.0
