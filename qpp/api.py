@@ -35,8 +35,13 @@ def quantize(
     config = config or QuantConfig()
     batches = check_batches(calibration_data, "calibration")
     batches = limit_samples(batches, config.calibration_samples)
+    from qpp.predict import configure_activation_qps, settings_from_config
+
+    activation_qps = settings_from_config(config)
     quantized = prepare(model, batches[0], config)
     calibrate(quantized, batches, show_progress)
+    if activation_qps.needs_per_sample:  # dynamic or predicted QPs, or Dense+Sparse (QPP)
+        configure_activation_qps(quantized, batches, activation_qps, show_progress)
     return quantized
 
 
