@@ -10,6 +10,7 @@ from qpp.data import check_batches
 from qpp.graph.capture import capture
 from qpp.graph.fold import fold_batch_norms
 from qpp.graph.placement import place_quantizers
+from qpp.predict import configure_activation_qps, settings_from_config
 from qpp.report.progress import progress
 from qpp.sim.config import QuantConfig
 from qpp.sim.model import QuantizedModel
@@ -35,8 +36,6 @@ def quantize(
     config = config or QuantConfig()
     batches = check_batches(calibration_data, "calibration")
     batches = limit_samples(batches, config.calibration_samples)
-    from qpp.predict import configure_activation_qps, settings_from_config
-
     activation_qps = settings_from_config(config)
     quantized = prepare(model, batches[0], config)
     calibrate(quantized, batches, show_progress)
