@@ -176,6 +176,7 @@ def absorb_high_bias(graph_module: GraphModule, pair: EqualizationPair, c: torch
         b2.copy_((b2.double() + shift).to(b2))
 
 
+@torch.no_grad()
 def cross_layer_equalization(
     qmodel: QuantizedModel,
     data: Sequence[Batch] | None = None,
