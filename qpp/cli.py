@@ -154,6 +154,13 @@ def quantize(
     list_quantizers: Annotated[
         bool, typer.Option(help="print the quantizer names and exit")
     ] = False,
+    recipe: Annotated[
+        str | None,
+        typer.Option(help="PTQ recipe instead of plain calibration: wp-ptq (white paper Fig. 8)"),
+    ] = None,
+    adaround_iterations: Annotated[
+        int, typer.Option(help="AdaRound iterations per layer in a recipe (0: bias correction)")
+    ] = 10_000,
 ) -> None:
     """Quantize MODEL, evaluate it against FP32, and save encodings, weights and a report."""
     _quiet_libraries()
@@ -188,6 +195,8 @@ def quantize(
             fold_batch_norm=fold_bn,
             calibration_samples=calib_samples,
             overrides=overrides,
+            recipe=recipe,
+            adaround_iterations=adaround_iterations,
         )
     source = SourceSpec(
         model,

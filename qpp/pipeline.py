@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +133,16 @@ def _quantize(
     fp32_metrics, fp32_outputs, _ = evaluate_entry(entry, fp32, None, show_progress, "fp32")
 
     calibration_start = time.perf_counter()
-    calibrate(quantized, batches, show_progress)
+    extra: dict[str, Any] = {"quantizers": len(quantized.names)}
+    if config.recipe is None:
+        calibrate(quantized, batches, show_progress)
+    else:
+        from qpp.ptq.recipes import run_recipe
+
+        report = run_recipe(
+            config.recipe, quantized, batches, config.adaround_iterations, show_progress
+        )
+        extra["recipe"] = asdict(report)
     calibrate_seconds = prepare_seconds + time.perf_counter() - calibration_start
 
     quantized_metrics, _, evaluate_seconds = evaluate_entry(
@@ -151,7 +160,7 @@ def _quantize(
         },
         output_dir=None,
         primary_metric=entry.primary_metric,
-        extra={"quantizers": len(quantized.names)},
+        extra=extra,
     )
     return result, quantized
 
