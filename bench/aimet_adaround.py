@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,18 +27,17 @@ import torch
 def main(spec_path: str) -> None:
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
-    spec = json.loads(open(spec_path).read())
+    spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(int(spec.get("threads", torch.get_num_threads())))
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import aimet_torch
     from aimet_common.defs import QuantScheme
     from aimet_torch.adaround.adaround_weight import Adaround, AdaroundParameters
     from aimet_torch.batch_norm_fold import fold_all_batch_norms
     from aimet_torch.model_preparer import prepare_model
     from aimet_torch.quantsim import QuantizationSimModel
 
-    from bench.wp_ptq import make_entry, limit
-
-    import aimet_torch
+    from bench.wp_ptq import limit, make_entry
 
     config_file = os.path.join(
         os.path.dirname(aimet_torch.__file__),

@@ -376,12 +376,15 @@ def table(name: str, primary: str, groups: dict[str, list[Row]], higher_is_bette
                 if abs(gap) > 1e-9
                 else float("nan")
             )
-            cells = [fmt(row.metrics[k], 4) for k in keys]
-            lines.append(
-                f"| {key} | {row.label} | "
-                + " | ".join(cells)
-                + f" | {fmt(closed * 100, 0)}{'%' if closed == closed else ''} | {fmt(row.seconds, 1)} | {fmt(row.memory_mb, 0)} | {'; '.join(row.notes)} |"
-            )
+            closed_text = f"{closed * 100:.0f}%" if closed == closed else ""
+            cells = [
+                *(fmt(row.metrics[k], 4) for k in keys),
+                closed_text,
+                fmt(row.seconds, 1),
+                fmt(row.memory_mb, 0),
+                "; ".join(row.notes),
+            ]
+            lines.append(f"| {key} | {row.label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -188,6 +188,19 @@ def _accepts_scaled_inputs(graph_module: GraphModule, layer: WeightLayer, channe
     return layer.groups == channels and weight.shape[0] == channels and weight.shape[1] == 1
 
 
+def _used_once(graph_module: GraphModule, path: str | None) -> bool:
+    """True when the tensor at ``path`` feeds exactly one op (rescaling it changes nothing else;
+    tied weights and constants shared by several ops are left alone)."""
+    if path is None:
+        return True
+    uses = sum(
+        len(node.users)
+        for node in graph_module.graph.nodes
+        if node.op == "get_attr" and node.target == path
+    )
+    return uses == 1
+
+
 def equalization_pairs(graph_module: GraphModule) -> list[EqualizationPair]:
     """Chains ``producer -> [ReLU | x*c | x+c]* -> consumer`` with no other user in between.
 
@@ -197,6 +210,10 @@ def equalization_pairs(graph_module: GraphModule) -> list[EqualizationPair]:
     """
     pairs: list[EqualizationPair] = []
     for producer in weight_layers(graph_module):
+        if not (
+            _used_once(graph_module, producer.weight) and _used_once(graph_module, producer.bias)
+        ):
+            continue
         channels = _channels(graph_module, producer)
         offsets: list[str] = []
         ops: list[str] = []
@@ -204,8 +221,10 @@ def equalization_pairs(graph_module: GraphModule) -> list[EqualizationPair]:
         while (user := sole_user(current)) is not None:
             consumer = as_weight_layer(user)
             if consumer is not None:
-                if skip_quantizers(consumer.input_node()) is current and _accepts_scaled_inputs(
-                    graph_module, consumer, channels
+                if (
+                    skip_quantizers(consumer.input_node()) is current
+                    and _used_once(graph_module, consumer.weight)
+                    and _accepts_scaled_inputs(graph_module, consumer, channels)
                 ):
                     pairs.append(EqualizationPair(producer, consumer, tuple(offsets), tuple(ops)))
                 break
@@ -221,6 +240,8 @@ def equalization_pairs(graph_module: GraphModule) -> list[EqualizationPair]:
                 )
                 # A scalar offset cannot be scaled per channel without changing its shape.
                 if path is None or get_attr(graph_module, path).numel() != channels:
+                    break
+                if not _used_once(graph_module, path):
                     break
                 offsets.append(path)
                 ops.append("add")

@@ -85,3 +85,22 @@ def test_high_bias_absorption_data_free_uses_batch_norm(depthwise_net, images) -
     report = cross_layer_equalization(qmodel, None)
     assert report.absorption_source == "batch-norm statistics"
     assert set(report.absorbed) <= {"conv2d", "conv2d_1"}
+
+
+class TiedLinear(torch.nn.Module):
+    """fc -> ReLU -> fc (the same weights twice) -> ReLU -> head: no pair may be rescaled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc(torch.relu(self.fc(x)))))
+
+
+def test_tied_weights_are_not_equalized() -> None:
+    x = torch.randn(4, 8)
+    qmodel = qpp.prepare(TiedLinear().eval(), (x,), QuantConfig())
+    pairs = equalization_pairs(qmodel.graph_module)
+    assert all("fc" not in p.producer.weight and "fc" not in p.consumer.weight for p in pairs)
