@@ -44,9 +44,15 @@ def quantize(
     return quantized
 
 
-def calibrate(model: QuantizedModel, batches: Sequence[Batch], show_progress: bool = False) -> None:
-    """Compute every quantizer's encoding from ``batches`` (weights first, then activations)."""
-    with torch.no_grad(), model.calibration():
+def calibrate(
+    model: QuantizedModel,
+    batches: Sequence[Batch],
+    show_progress: bool = False,
+    weights: bool = True,
+) -> None:
+    """Compute every quantizer's encoding from ``batches`` (weights first, then activations);
+    ``weights=False`` keeps the weight encodings already set."""
+    with torch.no_grad(), model.calibration(weights):
         for batch in progress(batches, "calibrate", show_progress):
             model(*batch)
 

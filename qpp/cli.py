@@ -176,6 +176,13 @@ def quantize(
     compare: Annotated[
         bool, typer.Option(help="also evaluate static, predicted and dynamic QPs; one table")
     ] = False,
+    recipe: Annotated[
+        str | None,
+        typer.Option(help="PTQ recipe instead of plain calibration: wp-ptq (white paper Fig. 8)"),
+    ] = None,
+    adaround_iterations: Annotated[
+        int, typer.Option(help="AdaRound iterations per layer in a recipe (0: bias correction)")
+    ] = 10_000,
     weight_quantizer: Annotated[
         str, typer.Option(help="uniform, or pwlq (piecewise linear, Fang et al. 2020)")
     ] = "uniform",
@@ -250,6 +257,8 @@ def quantize(
             dynamic_estimator=dynamic_estimator,
             predictor_features=predictor_features,
             predictor_sources=predictor_sources,
+            recipe=recipe,
+            adaround_iterations=adaround_iterations,
             weight_quantizer=weight_quantizer,
             activation_quantizer=activation_quantizer,
             piecewise=piecewise,
@@ -410,6 +419,74 @@ def bench_command(
         from qpp.report.export import print_bench
 
         print_bench(result.as_dict(), stdout)
+
+
+@app.command()
+@user_errors
+def analyze(
+    model: Annotated[
+        str, typer.Argument(help="zoo name, model.onnx, Hugging Face folder, or file.py:function")
+    ],
+    weights: Annotated[int, typer.Option("--weights", help="weight bit-width (2-16)")] = 8,
+    activations: Annotated[
+        int, typer.Option("--activations", help="activation bit-width (2-16)")
+    ] = 8,
+    weight_granularity: Annotated[
+        str, typer.Option(help="per-channel or per-tensor")
+    ] = "per-channel",
+    recipe: Annotated[str | None, typer.Option(help="PTQ recipe first: wp-ptq")] = None,
+    adaround_iterations: Annotated[
+        int, typer.Option(help="AdaRound iterations per layer in a recipe")
+    ] = 10_000,
+    samples: Annotated[
+        int, typer.Option(help="evaluation samples for the per-quantizer sensitivity sweeps")
+    ] = 32,
+    top: Annotated[
+        int, typer.Option(help="how many of the most sensitive quantizers to show")
+    ] = 12,
+    calib: Annotated[Path | None, typer.Option(help="calibration .npz for a user model")] = None,
+    eval_data: Annotated[
+        Path | None, typer.Option("--eval", help="evaluation .npz for a user model")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="output folder (default: a new folder under runs/)")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="print one JSON object and nothing else")
+    ] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """Debug a quantized MODEL (white paper Fig. 9): FP32 vs weight-only vs activation-only,
+    per-quantizer sensitivity and SQNR, range histograms; a table, PNG plots and index.html."""
+    _quiet_libraries()
+    from qpp.ptq.analyze_job import analyze_job
+    from qpp.report.analysis import print_analysis
+    from qpp.runs import default_run_folder
+    from qpp.sim.config import QuantConfig
+    from qpp.sources import SourceSpec
+
+    if samples < 1 or top < 1:
+        raise ConfigError("--samples and --top must be at least 1")
+    config = QuantConfig(
+        weight_bits=weights,
+        activation_bits=activations,
+        weight_granularity=weight_granularity,
+        recipe=recipe,
+        adaround_iterations=adaround_iterations,
+    )
+    source = SourceSpec(
+        model,
+        str(calib) if calib is not None else None,
+        str(eval_data) if eval_data is not None else None,
+    )
+    folder = out if out is not None else default_run_folder(f"{model}-analysis")
+    result, report = analyze_job(source, config, folder, samples, top, force, not quiet)
+    if json_output:
+        print(json.dumps(result))
+        return
+    print_analysis(result["metrics"], report, result["primary_metric"], top, stdout)
+    stdout.print(f"report: {folder / 'index.html'}")
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -240,7 +240,15 @@ def _quantize(
     fp32_metrics, fp32_outputs, _ = evaluate_entry(entry, fp32, None, show_progress, "fp32")
 
     calibration_start = time.perf_counter()
-    calibrate(quantized, batches, show_progress)
+    recipe_report = None
+    if config.recipe is None:
+        calibrate(quantized, batches, show_progress)
+    else:
+        from qpp.ptq.recipes import run_recipe
+
+        recipe_report = run_recipe(
+            config.recipe, quantized, batches, config.adaround_iterations, show_progress
+        )
     activation_qps = None
     if qp_settings.needs_per_sample or compare:
         fitted = replace(qp_settings, mode="predicted") if compare else qp_settings
@@ -251,6 +259,8 @@ def _quantize(
         "quantizers": len(quantized.names),
         "weight_bits_per_element": weight_bits_per_element(quantized),
     }
+    if recipe_report is not None:
+        extra["recipe"] = asdict(recipe_report)
     comparison = None
     if compare and activation_qps is not None:
         comparison = compare_modes(

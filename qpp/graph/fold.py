@@ -8,11 +8,29 @@ no quantizer ever sits on the batch-norm output.
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch
 from torch.fx import GraphModule, Node
 
 from qpp.graph.ops import OpKind, op_kind
+
+#: ``graph_module.meta`` key: layer node name -> ``FoldedBatchNorm`` (kept for analytic bias
+#: correction and data-free range setting, which need the statistics that folding removes).
+FOLDED_STATISTICS = "qpp.folded_batch_norms"
+
+
+@dataclass(frozen=True)
+class FoldedBatchNorm:
+    """The distribution a folded batch norm predicts for its layer's output: ``N(β, γ²)``."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+def folded_statistics(graph_module: GraphModule) -> dict[str, FoldedBatchNorm]:
+    """Layer node name -> the batch-norm statistics folded into that layer."""
+    return graph_module.meta.get(FOLDED_STATISTICS, {})
 
 
 def fold_batch_norms(graph_module: GraphModule) -> list[str]:
@@ -93,6 +111,9 @@ def _fold_pair(graph_module: GraphModule, layer: Node, batch_norm: Node) -> bool
         with graph_module.graph.inserting_before(layer):
             new_bias = graph_module.graph.get_attr(f"{owner_path}.{bias_name}".lstrip("."))
         layer.args = (*layer.args[:2], new_bias, *layer.args[3:])
+    graph_module.meta.setdefault(FOLDED_STATISTICS, {})[layer.name] = FoldedBatchNorm(
+        mean=beta64.float(), std=gamma64.abs().float()
+    )
     replacement = layer
     if batch_norm.target is torch.ops.aten._native_batch_norm_legit_no_training.default:
         for user in list(batch_norm.users):

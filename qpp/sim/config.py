@@ -15,6 +15,9 @@ from qpp.quant.spec import PiecewiseSpec, QuantSpec
 #: Kinds of quantizer grid: one uniform grid, or piecewise linear (PWLQ).
 QUANTIZER_SCHEMES = ("uniform", "pwlq")
 
+#: PTQ recipes run between prepare and evaluation (``qpp.ptq.recipes``).
+RECIPES = ("wp-ptq",)
+
 
 @dataclass(frozen=True)
 class LayerOverride:
@@ -75,6 +78,10 @@ class QuantConfig:
     weight_quantizer: str = "uniform"
     activation_quantizer: str = "uniform"
     piecewise: PiecewiseSpec = field(default_factory=PiecewiseSpec)
+    #: A PTQ recipe (``wp-ptq``: CLE, AdaRound or bias correction, ranges) instead of plain
+    #: calibration; ``adaround_iterations`` per layer (0: bias correction instead).
+    recipe: str | None = None
+    adaround_iterations: int = 10_000
 
     def __post_init__(self) -> None:
         if isinstance(self.piecewise, dict):  # from JSON
@@ -94,6 +101,10 @@ class QuantConfig:
             raise ConfigError(
                 f"unknown placement policy '{self.policy}'; use one of {', '.join(POLICIES)}"
             )
+        if self.recipe is not None and self.recipe not in RECIPES:
+            raise ConfigError(f"unknown recipe '{self.recipe}'; use one of {', '.join(RECIPES)}")
+        if self.adaround_iterations < 0:
+            raise ConfigError("adaround_iterations must be 0 (off) or more")
         if self.calibration_samples is not None and self.calibration_samples < 1:
             raise ConfigError("calibration_samples must be at least 1 (or null for all)")
         self.weight_spec(None)

@@ -183,13 +183,15 @@ class QuantizedModel(torch.nn.Module):
             quantizer.compute_weight_encoding(weight)
 
     @contextmanager
-    def calibration(self) -> Iterator[None]:
+    def calibration(self, weights: bool = True) -> Iterator[None]:
         """Observe activations for every forward inside the block; set encodings on exit.
 
-        Weight encodings are computed first so activations are observed behind quantized
-        weights, as they will run.
+        Weight encodings are computed first (unless ``weights=False``: they were set before and
+        must stay, e.g. after AdaRound) so activations are observed behind quantized weights,
+        as they will run.
         """
-        self.compute_weight_encodings()
+        if weights:
+            self.compute_weight_encodings()
         activations = [q for q in self._by_name.values() if q.kind is QuantizerKind.ACTIVATION]
         for quantizer in activations:
             quantizer.start_observing()

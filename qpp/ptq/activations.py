@@ -1,0 +1,66 @@
+"""Run a captured graph and look at intermediate values, without keeping them all.
+
+The PTQ algorithms need per-channel statistics of a few values (CLE's pre-activation minima,
+bias correction's mean shifts) or the inputs of one layer (AdaRound). ``Recorder`` runs the
+graph node by node (``torch.fx.Interpreter``) and hands each watched value to a callback, so
+memory stays at one forward pass plus whatever the callbacks keep; ``stop_after`` ends the pass
+early once the last watched node has run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.fx import GraphModule, Node
+
+Batch = Sequence[torch.Tensor]
+Watcher = Callable[[Node, tuple[object, ...], object], None]
+
+
+class _Stop(Exception):
+    pass
+
+
+class Recorder(torch.fx.Interpreter):
+    """Calls ``watchers[node.name](node, args, output)`` whenever a watched node runs."""
+
+    def __init__(
+        self, graph_module: GraphModule, watchers: dict[str, Watcher], stop_early: bool = True
+    ) -> None:
+        super().__init__(graph_module, garbage_collect_values=True)
+        self.watchers = watchers
+        order = [n.name for n in graph_module.graph.nodes if n.name in watchers]
+        self.last = order[-1] if (order and stop_early) else None
+
+    def run_node(self, node: Node) -> object:
+        output = super().run_node(node)
+        watcher = self.watchers.get(node.name)
+        if watcher is not None:
+            args, _ = self.fetch_args_kwargs_from_env(node)
+            watcher(node, args, output)
+            if node.name == self.last:
+                raise _Stop
+        return output
+
+    def run_batches(self, batches: Sequence[Batch]) -> None:
+        with torch.no_grad():
+            for batch in batches:
+                with contextlib.suppress(_Stop):
+                    self.run(*batch)
+
+
+def channel_axis(value: torch.Tensor, is_conv: bool) -> int:
+    """Channels are dim 1 of a conv's output and the last dim of a linear's."""
+    return 1 if is_conv else value.ndim - 1
+
+
+def reduce_channels(value: torch.Tensor, axis: int, how: str) -> torch.Tensor:
+    """``value`` reduced to one number per channel along ``axis`` (``min``, ``max``, ``sum``)."""
+    flat = value.detach().movedim(axis, -1).reshape(-1, value.shape[axis])
+    if how == "min":
+        return flat.amin(0)
+    if how == "max":
+        return flat.amax(0)
+    return flat.double().sum(0)
