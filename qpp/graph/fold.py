@@ -112,7 +112,7 @@ def _fold_pair(graph_module: GraphModule, layer: Node, batch_norm: Node) -> bool
             new_bias = graph_module.graph.get_attr(f"{owner_path}.{bias_name}".lstrip("."))
         layer.args = (*layer.args[:2], new_bias, *layer.args[3:])
     graph_module.meta.setdefault(FOLDED_STATISTICS, {})[layer.name] = FoldedBatchNorm(
-        mean=beta64.float(), std=gamma64.abs().float()
+        mean=beta64.detach().float(), std=gamma64.detach().abs().float()
     )
     replacement = layer
     if batch_norm.target is torch.ops.aten._native_batch_norm_legit_no_training.default:

@@ -288,5 +288,5 @@ class QuantizedModel(torch.nn.Module):
             raise EncodingsError(
                 f"encoding of '{name}' has {scale.numel()} scales and {zero_point.numel()} zero "
                 f"points but the model needs {wanted}; it belongs to another model, so load it "
-                "into the model it was made from or quantize again"
+                "into (or evaluate the folder with) the model it was made from, or quantize again"
             )

@@ -478,7 +478,7 @@ def test_encodings_of_a_model_with_other_widths(qpp, user_error, snapshot, run_c
     user_error(
         qpp("eval", run_copy),
         "encoding of 'features.1.0.weight' has 8 scales and 8 zero points but the model needs 32",
-        "evaluate the folder with the model it was made from",
+        "evaluate the folder with) the model it was made from",
     )
     assert snapshot(run_copy) == before
 
