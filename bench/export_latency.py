@@ -27,6 +27,7 @@ from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from docs_section import write_section
 from ort_compare import MODELS, QUICK_SIZES, log, machine_line, make_entry
 
 REPO = Path(__file__).resolve().parent.parent
@@ -170,15 +171,7 @@ accumulator grid would remove this gap.
 
 
 def write_docs(section: str) -> None:
-    import re
-
-    text = DOCS.read_text() if DOCS.is_file() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(START_MARK) + ".*?" + re.escape(END_MARK), re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    DOCS.write_text(text)
+    write_section(section, START_MARK, END_MARK, DOCS)
 
 
 def main(argv: list[str]) -> None:

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from docs_section import write_section
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "benchmarks.md"
@@ -563,15 +564,7 @@ eager attention adds at padded positions, so every value of that tensor quantize
 
 
 def write_docs(section: str) -> None:
-    """Replace this bench's section of docs/benchmarks.md (or append it), keeping the rest."""
-    text = DOCS.read_text() if DOCS.is_file() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(START_MARK) + ".*?" + re.escape(END_MARK), re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    DOCS.write_text(text)
+    write_section(section, START_MARK, END_MARK, DOCS)
 
 
 # --- main --------------------------------------------------------------------------------------

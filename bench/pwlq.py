@@ -34,6 +34,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from docs_section import write_section  # noqa: E402
+
 from qpp.api import quantize, run  # noqa: E402
 from qpp.pipeline import quantized_size_bytes, weight_bits_per_element  # noqa: E402
 from qpp.quant.spec import PiecewiseSpec  # noqa: E402
@@ -260,14 +262,7 @@ def machine_line(total: float, command: str) -> str:
 
 
 def write_docs(section: str) -> None:
-    """Replace this bench's section of docs/benchmarks.md (or append it), keeping the rest."""
-    text = DOCS.read_text() if DOCS.is_file() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(START_MARK) + ".*?" + re.escape(END_MARK), re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    DOCS.write_text(text)
+    write_section(section, START_MARK, END_MARK, DOCS)
 
 
 def main(argv: list[str]) -> None:

@@ -18,7 +18,6 @@ import argparse
 import importlib.util
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from docs_section import write_section
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "benchmarks.md"
@@ -389,13 +390,7 @@ def table(name: str, primary: str, groups: dict[str, list[Row]], higher_is_bette
 
 
 def write_docs(section: str) -> None:
-    text = DOCS.read_text() if DOCS.is_file() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(START_MARK) + ".*?" + re.escape(END_MARK), re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    DOCS.write_text(text)
+    write_section(section, START_MARK, END_MARK, DOCS)
 
 
 def main(argv: list[str]) -> None:
