@@ -31,6 +31,8 @@ def plot_predicted_vs_dynamic(
     """One log-log scatter per layer: the predicted QP of each input against its exact
     dynamic value (the diagonal is a perfect predictor)."""
     plt = _pyplot()
+    from matplotlib.ticker import NullFormatter
+
     names = _spread(list(pairs), most)
     columns = min(4, len(names))
     rows = math.ceil(len(names) / columns)
@@ -42,6 +44,8 @@ def plot_predicted_vs_dynamic(
         axis.plot([low, high], [low, high], color="black", linewidth=0.8)
         axis.set_xscale("log")
         axis.set_yscale("log")
+        for scale_axis in (axis.xaxis, axis.yaxis):
+            scale_axis.set_minor_formatter(NullFormatter())  # log minor labels overlap
         axis.set_title(name if len(name) < 40 else "…" + name[-39:], fontsize=7)
         axis.tick_params(labelsize=6)
     for axis in list(axes.flat)[len(names) :]:
