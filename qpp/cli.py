@@ -28,6 +28,25 @@ stdout = Console()
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+# Options that several commands share.
+ModelArgument = Annotated[
+    str, typer.Argument(help="zoo name, model.onnx, Hugging Face folder, or file.py:function")
+]
+WeightBits = Annotated[int, typer.Option("--weights", help="weight bit-width (2-16)")]
+ActivationBits = Annotated[int, typer.Option("--activations", help="activation bit-width (2-16)")]
+WeightGranularity = Annotated[str, typer.Option(help="per-channel or per-tensor")]
+CalibrationData = Annotated[Path | None, typer.Option(help="calibration .npz for a user model")]
+EvaluationData = Annotated[
+    Path | None, typer.Option("--eval", help="evaluation .npz for a user model")
+]
+OutputFolder = Annotated[
+    Path | None, typer.Option(help="output folder (default: a new folder under runs/)")
+]
+Force = Annotated[bool, typer.Option(help="replace an existing --out folder")]
+JsonOutput = Annotated[bool, typer.Option("--json", help="print one JSON object and nothing else")]
+Quiet = Annotated[bool, typer.Option(help="no progress bars")]
+
+
 def user_errors(command: F) -> F:
     """Turn a ``QppError`` into one line on stderr and exit status 2 (no traceback)."""
 
@@ -100,16 +119,10 @@ def _parse_override(text: str) -> tuple[str, dict[str, Any]]:
 @app.command()
 @user_errors
 def quantize(
-    model: Annotated[
-        str, typer.Argument(help="zoo name, model.onnx, Hugging Face folder, or file.py:function")
-    ],
-    weights: Annotated[int, typer.Option("--weights", help="weight bit-width (2-16)")] = 8,
-    activations: Annotated[
-        int, typer.Option("--activations", help="activation bit-width (2-16)")
-    ] = 8,
-    weight_granularity: Annotated[
-        str, typer.Option(help="per-channel or per-tensor")
-    ] = "per-channel",
+    model: ModelArgument,
+    weights: WeightBits = 8,
+    activations: ActivationBits = 8,
+    weight_granularity: WeightGranularity = "per-channel",
     activation_granularity: Annotated[
         str, typer.Option(help="per-tensor or per-channel")
     ] = "per-tensor",
@@ -140,18 +153,12 @@ def quantize(
     config: Annotated[
         Path | None, typer.Option(help="a JSON config (qpp.json 'config' or QuantConfig)")
     ] = None,
-    calib: Annotated[Path | None, typer.Option(help="calibration .npz for a user model")] = None,
-    eval_data: Annotated[
-        Path | None, typer.Option("--eval", help="evaluation .npz for a user model")
-    ] = None,
-    out: Annotated[
-        Path | None, typer.Option(help="output folder (default: a new folder under runs/)")
-    ] = None,
-    force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
-    json_output: Annotated[
-        bool, typer.Option("--json", help="print one JSON object and nothing else")
-    ] = False,
-    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+    calib: CalibrationData = None,
+    eval_data: EvaluationData = None,
+    out: OutputFolder = None,
+    force: Force = False,
+    json_output: JsonOutput = False,
+    quiet: Quiet = False,
     list_quantizers: Annotated[
         bool, typer.Option(help="print the quantizer names and exit")
     ] = False,
@@ -349,10 +356,8 @@ def _show(result: dict[str, Any], json_output: bool, title: str) -> None:
 @user_errors
 def eval_command(
     folder: Annotated[Path, typer.Argument(help="a folder written by qpp quantize")],
-    json_output: Annotated[
-        bool, typer.Option("--json", help="print one JSON object and nothing else")
-    ] = False,
-    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+    json_output: JsonOutput = False,
+    quiet: Quiet = False,
 ) -> None:
     """Rebuild a saved quantized model and evaluate it again (reproduces the saved metrics)."""
     _quiet_libraries()
@@ -376,10 +381,8 @@ def export_command(
         bool, typer.Option(help="compare ONNX Runtime with the simulation on the evaluation set")
     ] = False,
     force: Annotated[bool, typer.Option(help="replace an existing --onnx file")] = False,
-    json_output: Annotated[
-        bool, typer.Option("--json", help="print one JSON object and nothing else")
-    ] = False,
-    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+    json_output: JsonOutput = False,
+    quiet: Quiet = False,
 ) -> None:
     """Export a saved quantized model as an ONNX QDQ graph that ONNX Runtime runs in int8."""
     _quiet_libraries()
@@ -404,9 +407,7 @@ def bench_command(
     seconds: Annotated[
         float, typer.Option(help="time budget per batch size for the repeated runs")
     ] = 20.0,
-    json_output: Annotated[
-        bool, typer.Option("--json", help="print one JSON object and nothing else")
-    ] = False,
+    json_output: JsonOutput = False,
 ) -> None:
     """ONNX Runtime latency, batch 1 and 32: FP32 vs qpp int8 vs ORT's own quantize_static."""
     _quiet_libraries()
@@ -424,16 +425,10 @@ def bench_command(
 @app.command()
 @user_errors
 def analyze(
-    model: Annotated[
-        str, typer.Argument(help="zoo name, model.onnx, Hugging Face folder, or file.py:function")
-    ],
-    weights: Annotated[int, typer.Option("--weights", help="weight bit-width (2-16)")] = 8,
-    activations: Annotated[
-        int, typer.Option("--activations", help="activation bit-width (2-16)")
-    ] = 8,
-    weight_granularity: Annotated[
-        str, typer.Option(help="per-channel or per-tensor")
-    ] = "per-channel",
+    model: ModelArgument,
+    weights: WeightBits = 8,
+    activations: ActivationBits = 8,
+    weight_granularity: WeightGranularity = "per-channel",
     recipe: Annotated[str | None, typer.Option(help="PTQ recipe first: wp-ptq")] = None,
     adaround_iterations: Annotated[
         int, typer.Option(help="AdaRound iterations per layer in a recipe")
@@ -444,18 +439,12 @@ def analyze(
     top: Annotated[
         int, typer.Option(help="how many of the most sensitive quantizers to show")
     ] = 12,
-    calib: Annotated[Path | None, typer.Option(help="calibration .npz for a user model")] = None,
-    eval_data: Annotated[
-        Path | None, typer.Option("--eval", help="evaluation .npz for a user model")
-    ] = None,
-    out: Annotated[
-        Path | None, typer.Option(help="output folder (default: a new folder under runs/)")
-    ] = None,
-    force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
-    json_output: Annotated[
-        bool, typer.Option("--json", help="print one JSON object and nothing else")
-    ] = False,
-    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+    calib: CalibrationData = None,
+    eval_data: EvaluationData = None,
+    out: OutputFolder = None,
+    force: Force = False,
+    json_output: JsonOutput = False,
+    quiet: Quiet = False,
 ) -> None:
     """Debug a quantized MODEL (white paper Fig. 9): FP32 vs weight-only vs activation-only,
     per-quantizer sensitivity and SQNR, range histograms; a table, PNG plots and index.html."""
