@@ -43,7 +43,10 @@ def sensitivity_table(report: AnalysisReport, top: int) -> Table:
         "only this (dB)",
         "SQNR (dB)",
     ):
-        table.add_column(column, justify="left" if column in ("quantizer", "kind") else "right")
+        if column == "quantizer":  # long names wrap instead of being cut: they are the answer
+            table.add_column(column, overflow="fold", min_width=32)
+        else:
+            table.add_column(column, justify="left" if column == "kind" else "right")
     for q in report.most_sensitive(top):
         table.add_row(
             q.name, q.kind, str(q.bits), _db(q.gain_db), _db(q.only_this_db), _db(q.sqnr_db)
