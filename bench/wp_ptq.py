@@ -33,7 +33,10 @@ from docs_section import write_section
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "benchmarks.md"
 START_MARK, END_MARK = "<!-- wp_ptq:start -->", "<!-- wp_ptq:end -->"
-AIMET_PYTHON = Path("/work/venvs/aimet/bin/python")
+#: AIMET lives in its own venv so qpp's stays clean; make it with
+#: ``python3 -m venv /work/venvs/aimet && /work/venvs/aimet/bin/pip install torch==2.14.1
+#: torchvision==0.29.1 aimet-torch`` (or point ``QPP_AIMET_PYTHON`` at another interpreter).
+AIMET_PYTHON = Path(os.environ.get("QPP_AIMET_PYTHON", "/work/venvs/aimet/bin/python"))
 MODELS = ("digits-cnn", "ppocr-cls", "ppocr-rec", "ppocr-det", "minilm")
 SIZES: dict[str, dict[str, int]] = {
     "digits-cnn": {},
