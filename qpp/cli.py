@@ -221,7 +221,6 @@ def quantize(
     from qpp.pipeline import quantize_job
     from qpp.runs import default_run_folder
     from qpp.sim.config import LayerOverride, QuantConfig
-    from qpp.sources import SourceSpec
 
     if config is not None:
         quant_config = _read_config(config)
@@ -270,11 +269,7 @@ def quantize(
             activation_quantizer=activation_quantizer,
             piecewise=piecewise,
         )
-    source = SourceSpec(
-        model,
-        str(calib) if calib is not None else None,
-        str(eval_data) if eval_data is not None else None,
-    )
+    source = _source(model, calib, eval_data)
     if list_quantizers:
         _print_quantizers(source, quant_config)
         return
@@ -299,6 +294,17 @@ def _piecewise_spec(weight_quantizer: str, activation_quantizer: str, **given: A
     if settings.get("bias_correction") and weight_quantizer != "pwlq":
         raise ConfigError("--bias-correction applies to PWLQ weights; add --weight-quantizer pwlq")
     return PiecewiseSpec(**settings)
+
+
+def _source(model: str, calib: Path | None, eval_data: Path | None) -> Any:
+    """Where the model and (for user models) its npz data come from."""
+    from qpp.sources import SourceSpec
+
+    return SourceSpec(
+        model,
+        str(calib) if calib is not None else None,
+        str(eval_data) if eval_data is not None else None,
+    )
 
 
 def _read_config(path: Path) -> Any:
@@ -453,7 +459,6 @@ def analyze(
     from qpp.report.analysis import print_analysis
     from qpp.runs import default_run_folder
     from qpp.sim.config import QuantConfig
-    from qpp.sources import SourceSpec
 
     if samples < 1 or top < 1:
         raise ConfigError("--samples and --top must be at least 1")
@@ -464,11 +469,7 @@ def analyze(
         recipe=recipe,
         adaround_iterations=adaround_iterations,
     )
-    source = SourceSpec(
-        model,
-        str(calib) if calib is not None else None,
-        str(eval_data) if eval_data is not None else None,
-    )
+    source = _source(model, calib, eval_data)
     folder = out if out is not None else default_run_folder(f"{model}-analysis")
     result, report = analyze_job(source, config, folder, samples, top, force, not quiet)
     if json_output:

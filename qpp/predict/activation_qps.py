@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -226,11 +226,7 @@ class ActivationQPs:
             tensors.update(predictor.tensors(f"predictor.{index}"))
             predictors.append(predictor.settings())
         settings = {
-            "settings": {
-                **self.settings.__dict__,
-                "features": list(self.settings.features),
-                "sources": list(self.settings.sources),
-            },
+            "settings": asdict(self.settings),  # JSON writes the tuples as lists
             "layers": layers,
             "predictors": predictors,
             "fit_r_squared": self.fit_r_squared,

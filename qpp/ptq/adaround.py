@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from qpp.api import limit_samples
 from qpp.errors import ConfigError
 from qpp.graph.patterns import WeightLayer, activation_after, get_attr, weight_layers
 from qpp.ptq.activations import Batch, Recorder
@@ -376,18 +377,6 @@ def _layer_data(
     return LayerData(inputs, torch.relu(targets) if relu else targets)
 
 
-def _limit(batches: Sequence[Batch], samples: int | None) -> list[Batch]:
-    if samples is None:
-        return list(batches)
-    kept, left = [], samples
-    for batch in batches:
-        if left <= 0:
-            break
-        kept.append(tuple(x[:left] for x in batch))
-        left -= int(batch[0].shape[0])
-    return kept
-
-
 def _eligible(
     qmodel: QuantizedModel, report: AdaRoundReport
 ) -> list[tuple[WeightLayer, Quantizer]]:
@@ -465,7 +454,7 @@ def adaround(
     config = config or AdaRoundConfig()
     started = time.perf_counter()
     report = AdaRoundReport()
-    batches = _limit(data, config.samples)
+    batches = limit_samples(list(data), config.samples)
     state = _State(config.state_dir, config)
     layers = _eligible(qmodel, report)
     originals = {
