@@ -391,15 +391,25 @@ def first_output(outputs):
     return outputs[0] if isinstance(outputs, tuple) else outputs
 
 
-def compare_model(name: str, args: argparse.Namespace, root: Path) -> tuple[list[Row], list[str]]:
-    """Every method's row for zoo model ``name``, and notes for the table."""
+def compare_model(
+    name: str,
+    args: argparse.Namespace,
+    root: Path,
+    entry: Any = None,
+    variants: tuple[OrtVariant, ...] | None = None,
+    with_qpp: bool = True,
+) -> tuple[list[Row], list[str]]:
+    """Every method's row for zoo model ``name``, and notes for the table.
+
+    Another bench can pass its own ``entry`` (data sizes), the ORT ``variants`` to run
+    (default: every static calibrator and the model's extras) and leave out qpp's row."""
     import torch
 
     from qpp.api import run
 
     folder = root / name
     folder.mkdir()
-    entry = make_entry(name, args.quick)
+    entry = entry if entry is not None else make_entry(name, args.quick)
     calibration, evaluation = entry.calibration_set(), entry.evaluation_set()
     names = evaluation.input_names
     log(
@@ -452,7 +462,8 @@ def compare_model(name: str, args: argparse.Namespace, root: Path) -> tuple[list
     prepared, how = preprocess(fp32_path, example, folder)
     notes.append(f"ORT quantizes the FP32 ONNX after: {how}.")
     rows.append(evaluate_variant(PREPARED_VARIANT, prepared, None))
-    for variant in STATIC_VARIANTS + EXTRA_VARIANTS.get(name, ()):
+    chosen = variants if variants is not None else STATIC_VARIANTS + EXTRA_VARIANTS.get(name, ())
+    for variant in chosen:
         log(f"{name}: {variant.label}")
         row = evaluate_variant(variant, prepared, None)
         if row.status.startswith("OOM") and variant.kind == "static":
@@ -467,6 +478,8 @@ def compare_model(name: str, args: argparse.Namespace, root: Path) -> tuple[list
             row = retry
         rows.append(row)
 
+    if not with_qpp:
+        return rows, notes
     log(f"{name}: qpp W8A8 (quantize_job, default QuantConfig)")
     qpp_metrics, qpp_seconds, qpp_fp32 = qpp_w8a8(entry)
     rows.append(Row("qpp W8A8 (default QuantConfig)", qpp_metrics, qpp_seconds))

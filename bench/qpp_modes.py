@@ -1,94 +1,171 @@
-"""QPP: static vs predicted vs dynamic activation QPs, uniform and Dense+Sparse, per zoo model.
+"""QPP: static vs predicted vs dynamic activation QPs, uniform and Dense+Sparse, per zoo model,
+side by side with ONNX Runtime's static (and, for MiniLM, dynamic) int8 quantization.
 
-For each model, activation bit-width and scheme, one ``quantize_job(..., compare=True)`` (the
-same as ``qpp quantize MODEL --activation-ranges predicted --scheme S --activations B
---compare``): weights W8 per channel, the predictor fitted on the zoo entry's calibration set,
-the three modes evaluated on its evaluation set. Prints one table per model and writes them to
-``docs/benchmarks.md`` between ``<!-- qpp_modes:start/end -->``.
+For each model and activation bit-width, qpp quantizes once (W8 per channel, the core's
+calibration), then for each scheme fits the predictor on the zoo entry's calibration set and
+evaluates the three modes on its evaluation set (``qpp.pipeline.compare_modes``, the same code
+as ``qpp quantize MODEL --activation-ranges predicted --compare``). ONNX Runtime's rows come
+from ``bench/ort_compare.py``'s worker on the same data (8-bit only: ORT has no 4-bit
+activations and its dynamic quantization is 8-bit). "gap closed" = (predicted - static) /
+(dynamic - static) on the primary metric, when dynamic is above static.
 
-    .venv/bin/python bench/qpp_modes.py [--models digits-cnn,ppocr-cls] [--bits 8,4] [--no-docs]
+    .venv/bin/python bench/qpp_modes.py [--models digits-cnn,ppocr-cls] [--bits 8,4]
+                                        [--no-ort] [--no-docs]
 
-ONNX Runtime rows (static, and dynamic for MiniLM) are not part of this script yet; see
-``bench/ort_compare.py`` for them at W8A8.
+Writes the tables to ``docs/benchmarks.md`` between ``<!-- qpp_modes:start/end -->``.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import sys
+import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
+import torch  # noqa: E402
 from docs_section import DOCS, write_section  # noqa: E402
 
-from qpp.pipeline import quantize_job  # noqa: E402
+from qpp.api import calibrate, prepare, run  # noqa: E402
+from qpp.pipeline import compare_modes  # noqa: E402
+from qpp.predict import configure_activation_qps, settings_from_config  # noqa: E402
 from qpp.sim.config import QuantConfig  # noqa: E402
-from qpp.sources import SourceSpec  # noqa: E402
+from qpp.zoo import entry_class  # noqa: E402
 
 START_MARK, END_MARK = "<!-- qpp_modes:start -->", "<!-- qpp_modes:end -->"
 SCHEMES = ("uniform", "dense-sparse")
+#: Data sizes per model: the defaults for the small models, fewer samples for the large ones
+#: so the whole run fits in about an hour on 2 cores.
+SIZES: dict[str, dict[str, int]] = {
+    "digits-cnn": {},
+    "ppocr-cls": {},
+    "minilm": {"num_calibration": 64, "num_evaluation": 200},
+    "ppocr-rec": {"num_calib": 64, "num_eval": 100},
+    "ppocr-det": {"num_calib": 32, "num_eval": 32},
+}
+PREDICTOR = "the default predictor (`--predictor-sources auto:16 --predictor-elements 2048`)"
 
 
-def model_table(model: str, bits: list[int]) -> str:
-    lines = [
-        "| A bits | scheme | mode | metric | outlier fraction (mean ± std over inputs) | "
-        "overhead (% FLOPs) |",
-        "|---|---|---|---|---|---|",
-    ]
+def qpp_rows(name: str, entry: Any, bits: list[int]) -> list[str]:
+    fp32 = entry.load_model()
+    calibration, evaluation = entry.calibration_set(), entry.evaluation_set()
+    reference = run(fp32, evaluation.batches)
+    primary = entry.primary_metric
+    lines = []
     for activation_bits in bits:
+        config = QuantConfig(activation_bits=activation_bits, activation_ranges="predicted")
+        quantized = prepare(fp32, calibration[0], config)
+        calibrate(quantized, calibration, show_progress=False)
         for scheme in SCHEMES:
-            config = QuantConfig(
-                activation_bits=activation_bits,
-                activation_ranges="predicted",
-                activation_scheme=scheme,
-            )
             started = time.perf_counter()
-            result, _ = quantize_job(
-                SourceSpec(model), config, None, show_progress=False, compare=True
+            settings = settings_from_config(replace(config, activation_scheme=scheme))
+            handle = configure_activation_qps(quantized, calibration, settings)
+            comparison = compare_modes(
+                entry, quantized, handle, fp32, reference, calibration[0], False
             )
-            primary = result.primary_metric
-            print(f"  {model} A{activation_bits} {scheme}: {time.perf_counter() - started:.0f} s")
-            for mode, row in result.extra["compare"]["modes"].items():
+            handle.detach()
+            modes = comparison.rows["modes"]
+            values = {mode: row["metrics"][primary] for mode, row in modes.items()}
+            gap = values["dynamic"] - values["static"]
+            closed = (
+                f"{100 * (values['predicted'] - values['static']) / gap:.0f} %"
+                if gap > 1e-9
+                else "n/a (dynamic <= static)"
+            )
+            dense_sparse_layers = sum(
+                s.scheme.value == "dense-sparse" for s in handle.samplers.values()
+            )
+            print(f"  {name} A{activation_bits} {scheme}: {time.perf_counter() - started:.0f} s")
+            for mode, row in modes.items():
                 density = row.get("outlier_density")
                 spread = (
                     f"{density['mean']:.4f} ± {density['std_over_inputs']:.4f}" if density else "-"
                 )
                 lines.append(
-                    f"| {activation_bits} | {scheme} | {mode} | {row['metrics'][primary]:.4f} | "
-                    f"{spread} | {row['overhead_percent']:.3f} |"
+                    f"| qpp W8A{activation_bits} | {scheme}"
+                    + (
+                        f" ({dense_sparse_layers} of {len(handle.samplers)} layers)"
+                        if density
+                        else ""
+                    )
+                    + f" | {mode} | {row['metrics'][primary]:.4f} | {spread} | "
+                    f"{row['overhead_percent']:.3f} | {closed if mode == 'predicted' else ''} |"
                 )
-    return "\n".join(lines)
+    return lines
+
+
+def ort_rows(name: str, entry: Any, root: Path) -> list[str]:
+    import ort_compare
+
+    variants = (ort_compare.OrtVariant("ORT static MinMax", "static", "MinMax"),)
+    if name == "minilm":
+        variants += ort_compare.EXTRA_VARIANTS["minilm"][1:]  # dynamic, per tensor / channel
+    args = ort_compare.parse_args(["--no-docs"])
+    rows, _ = ort_compare.compare_model(name, args, root, entry, variants, with_qpp=False)
+    lines = []
+    for row in rows:
+        if not row.label.startswith("ORT "):
+            continue
+        value = (
+            f"{row.metrics[entry.primary_metric]:.4f}" if row.metrics is not None else row.status
+        )
+        lines.append(f"| {row.label} (W8A8) | uniform | - | {value} | - | - | |")
+    return lines
 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="digits-cnn,ppocr-cls")
+    parser.add_argument("--models", default="digits-cnn,ppocr-cls,minilm,ppocr-rec,ppocr-det")
     parser.add_argument("--bits", default="8,4", help="activation bit-widths")
+    parser.add_argument("--no-ort", action="store_true", help="leave out ONNX Runtime's rows")
     parser.add_argument("--no-docs", action="store_true")
     args = parser.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     started = time.perf_counter()
     bits = [int(b) for b in args.bits.split(",")]
     tables = []
-    for model in args.models.split(","):
-        print(f"{model} ...", flush=True)
-        table = model_table(model, bits)
-        print(table)
-        tables.append(f"### {model}\n\n{table}")
+    header = [
+        "| method | scheme | mode | metric | outlier fraction (mean ± std over inputs) | "
+        "overhead (% FLOPs) | gap closed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    with tempfile.TemporaryDirectory(prefix="qpp_modes.") as temporary:
+        for name in args.models.split(","):
+            print(f"{name} ...", flush=True)
+            entry = entry_class(name)(**SIZES.get(name, {}))
+            lines = header + qpp_rows(name, entry, bits)
+            if not args.no_ort:
+                lines += ort_rows(name, entry, Path(temporary))
+            table = "\n".join(lines)
+            print(table, flush=True)
+            evaluation = entry.evaluation_set()
+            tables.append(
+                f"### {name}\n\n{evaluation.num_samples} evaluation samples, metric: "
+                f"{entry.primary_metric} (vs FP32 where it is a similarity).\n\n{table}"
+            )
     minutes = (time.perf_counter() - started) / 60
     section = (
         f"{START_MARK}\n## QPP: static vs predicted vs dynamic activation QPs "
         "(`bench/qpp_modes.py`)\n\n"
-        f"Measured {datetime.date.today()} on this machine (2 cores); command: "
+        f"Measured {datetime.date.today()} on this machine (2 cores, shared), "
+        f"{torch.get_num_threads()} torch thread(s); command: "
         f"`.venv/bin/python bench/qpp_modes.py {' '.join(argv)}`, {minutes:.1f} min. "
-        "W8 per-channel weights; uniform: per-sample MSE ranges (dynamic) and their ridge "
-        "prediction from the "
-        "first activation's mean, max and quantiles (predicted); Dense+Sparse: outlier "
-        "fraction 1 %, static = mean calibration threshold. The metric is the zoo entry's "
-        "primary one. No ONNX Runtime rows yet.\n\n" + "\n\n".join(tables) + f"\n{END_MARK}"
+        "W8 per-channel weights. Uniform: per-sample MSE ranges (dynamic) and their ridge "
+        f"prediction by {PREDICTOR}; Dense+Sparse: outlier fraction 1 % on every tensor with "
+        "at least 1000 elements per sample (smaller ones, e.g. squeeze-excitation vectors, "
+        "keep the uniform scheme in the same mode), static = the mean calibration threshold. "
+        "Overhead: the predictor's features and linear maps, or the dynamic reductions, per "
+        "input, against the model's FLOPs. ORT rows: `quantize_static` MinMax (QDQ, "
+        "per-channel QInt8 weights, QUInt8 activations) and, for MiniLM, `quantize_dynamic`, "
+        "on the same data.\n\n" + "\n\n".join(tables) + f"\n{END_MARK}"
     )
     if not args.no_docs:
         write_section(section, START_MARK, END_MARK, DOCS)

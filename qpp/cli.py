@@ -178,8 +178,13 @@ def quantize(
         str, typer.Option(help="QP predictor inputs: mean, max, std, qP (quantiles of |x|)")
     ] = "mean,max,q0.9,q0.99,q0.999",
     predictor_sources: Annotated[
-        str, typer.Option(help="quantizers whose inputs feed predictors (default: the first)")
-    ] = "",
+        str,
+        typer.Option(help="predictor inputs: auto (by a 0.5 % FLOPs budget), auto:N or names"),
+    ] = "auto",
+    predictor_elements: Annotated[
+        int,
+        typer.Option(help="elements of each source the predictor's features read per input"),
+    ] = 2048,
     compare: Annotated[
         bool, typer.Option(help="also evaluate static, predicted and dynamic QPs; one table")
     ] = False,
@@ -263,6 +268,7 @@ def quantize(
             dynamic_estimator=dynamic_estimator,
             predictor_features=predictor_features,
             predictor_sources=predictor_sources,
+            predictor_elements=predictor_elements,
             recipe=recipe,
             adaround_iterations=adaround_iterations,
             weight_quantizer=weight_quantizer,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from qpp.errors import ConfigError
+from qpp.predict.qps import column_subset
 
 DEFAULT_FEATURES = ("mean", "max", "q0.9", "q0.99", "q0.999")
 #: Positive statistics enter in log space, like the (log) QPs they predict.
@@ -48,10 +49,19 @@ def feature_flops(names: tuple[str, ...], elements: int) -> int:
     return sum((2 if name.startswith("q") else 1) * elements for name in names)
 
 
-def sample_features(x: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
+def sample_features(
+    x: torch.Tensor, names: tuple[str, ...], max_elements: int | None = None
+) -> torch.Tensor:
     """Per-sample features ``[N, F]`` of ``x`` (batch first): ``mean`` of ``x``; the logs of
-    ``max`` |x|, ``std`` and the quantiles ``qP`` of |x|."""
-    rows = x.detach().reshape(x.shape[0], -1).float()
+    ``max`` |x|, ``std`` and the quantiles ``qP`` of |x|.
+
+    With ``max_elements``, the statistics read a fixed random subset of that many elements of
+    each sample (the same positions for every input), so a source deep in a large model costs
+    a few thousand operations, not a pass over its whole feature map."""
+    rows = x.detach().reshape(x.shape[0], -1)
+    if max_elements is not None and rows.shape[1] > max_elements:
+        rows = rows[:, column_subset(rows.shape[1], max_elements)]
+    rows = rows.float()
     magnitudes = rows.abs()
     columns: list[torch.Tensor] = []
     for name in names:
@@ -81,6 +91,10 @@ class LinearQPPredictor:
     feature_std: torch.Tensor
     #: ``[1 + F, T]``: the intercepts, then one row per standardized feature.
     weight: torch.Tensor
+    #: The features read this many elements of the source per sample (None: all).
+    max_elements: int | None = None
+    #: ``[T]``: the standard deviation of each target's fit residual on the calibration data.
+    residual_std: torch.Tensor | None = None
 
     @classmethod
     def fit(
@@ -91,6 +105,7 @@ class LinearQPPredictor:
         features: torch.Tensor,
         log_qps: torch.Tensor,
         ridge: float = 1e-3,
+        max_elements: int | None = None,
     ) -> LinearQPPredictor:
         """Least squares with an L2 penalty ``ridge * N`` on the slopes (not the intercepts)."""
         features, log_qps = features.double(), log_qps.double()
@@ -102,13 +117,31 @@ class LinearQPPredictor:
         penalty = torch.eye(design.shape[1], dtype=torch.float64) * ridge * len(features)
         penalty[0, 0] = 0.0
         weight = torch.linalg.solve(design.T @ design + penalty, design.T @ log_qps)
+        residual_std = (log_qps - design @ weight).std(dim=0, correction=0)
         return cls(
-            source, feature_names, targets, mean.float(), std.float(), weight.float().contiguous()
+            source,
+            feature_names,
+            targets,
+            mean.float(),
+            std.float(),
+            weight.float().contiguous(),
+            max_elements,
+            residual_std.float().contiguous(),
         )
 
-    def predict_log(self, features: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """This predictor's features of its source tensor ``x``."""
+        return sample_features(x, self.feature_names, self.max_elements)
+
+    def predict_log(self, features: torch.Tensor, threshold_margin: float = 0.0) -> torch.Tensor:
+        """``log q̂`` per sample and target; Dense+Sparse thresholds raised by
+        ``threshold_margin`` residual standard deviations."""
         standardized = (features - self.feature_mean) / self.feature_std
-        return self.weight[0] + standardized @ self.weight[1:]
+        predicted = self.weight[0] + standardized @ self.weight[1:]
+        if threshold_margin and self.residual_std is not None:
+            is_threshold = torch.tensor([kind == "threshold" for _, kind in self.targets])
+            predicted = predicted + threshold_margin * self.residual_std * is_threshold
+        return predicted
 
     def r_squared(self, features: torch.Tensor, log_qps: torch.Tensor) -> torch.Tensor:
         """Coefficient of determination per target column (1 = exact)."""
@@ -119,9 +152,8 @@ class LinearQPPredictor:
     def flops(self, source_elements: int) -> int:
         """Per sample: the features, their standardization and the linear map."""
         features = len(self.feature_names)
-        return feature_flops(self.feature_names, source_elements) + 2 * features * (
-            len(self.targets) + 1
-        )
+        read = min(source_elements, self.max_elements or source_elements)
+        return feature_flops(self.feature_names, read) + 2 * features * (len(self.targets) + 1)
 
     # --- persistence (safetensors + JSON) ---------------------------------------------------
 
@@ -130,6 +162,11 @@ class LinearQPPredictor:
             f"{prefix}.feature_mean": self.feature_mean.contiguous(),
             f"{prefix}.feature_std": self.feature_std.contiguous(),
             f"{prefix}.weight": self.weight.contiguous(),
+            **(
+                {}
+                if self.residual_std is None
+                else {f"{prefix}.residual_std": self.residual_std.contiguous()}
+            ),
         }
 
     def settings(self) -> dict[str, object]:
@@ -137,6 +174,7 @@ class LinearQPPredictor:
             "source": self.source,
             "features": list(self.feature_names),
             "targets": [list(t) for t in self.targets],
+            "max_elements": self.max_elements,
         }
 
     @classmethod
@@ -150,4 +188,6 @@ class LinearQPPredictor:
             tensors[f"{prefix}.feature_mean"],
             tensors[f"{prefix}.feature_std"],
             tensors[f"{prefix}.weight"],
+            None if settings.get("max_elements") is None else int(settings["max_elements"]),  # type: ignore[arg-type]
+            tensors.get(f"{prefix}.residual_std"),
         )

@@ -88,16 +88,21 @@ def sample_rows(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 @cache
-def search_columns(columns: int) -> torch.Tensor:
-    """A fixed random subset of ``MSE_SEARCH_COLUMNS`` column indices (all if fewer).
+def column_subset(columns: int, limit: int) -> torch.Tensor:
+    """A fixed random subset of ``limit`` column indices of ``columns`` (all if fewer), sorted.
 
     Random, not strided: a stride that divides the channel count would keep the same channels
     at every position and could miss every outlier channel of a transformer.
     """
-    if columns <= MSE_SEARCH_COLUMNS:
+    if columns <= limit:
         return torch.arange(columns)
     generator = torch.Generator().manual_seed(columns)
-    return torch.randperm(columns, generator=generator)[:MSE_SEARCH_COLUMNS].sort().values
+    return torch.randperm(columns, generator=generator)[:limit].sort().values
+
+
+def search_columns(columns: int) -> torch.Tensor:
+    """The columns an MSE range search evaluates (``MSE_SEARCH_COLUMNS`` of them at most)."""
+    return column_subset(columns, MSE_SEARCH_COLUMNS)
 
 
 def dynamic_range(rows: torch.Tensor, estimator: str, quantizer: Quantizer) -> SampleQPs:

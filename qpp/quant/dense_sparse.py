@@ -24,6 +24,19 @@ def check_outlier_fraction(outlier_fraction: float) -> None:
         )
 
 
+#: Dense+Sparse needs this many expected outliers per sample: with fewer elements than
+#: ``MIN_EXPECTED_OUTLIERS / ρ`` the achievable density is too coarse (steps of 1/M) to
+#: hold ρ, e.g. a squeeze-excitation vector of 8 values has no 1 % tail at all.
+MIN_EXPECTED_OUTLIERS = 10
+
+
+def min_dense_sparse_elements(outlier_fraction: float) -> int:
+    """Elements per sample below which a tensor keeps the uniform scheme."""
+    if outlier_fraction <= 0.0:
+        return 0
+    return math.ceil(MIN_EXPECTED_OUTLIERS / outlier_fraction)
+
+
 def outlier_threshold(rows: torch.Tensor, outlier_fraction: float) -> torch.Tensor:
     """Per row, ``t`` = the ``(1 - ρ)`` quantile of ``|x|``: the k-th smallest ``|x|`` with
     ``k = ceil((1 - ρ) M)``, so at most ``ρ M`` and (without ties) at least ``ρ M - 1``

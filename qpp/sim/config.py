@@ -73,8 +73,12 @@ class QuantConfig:
     dynamic_estimator: str = "mse"
     #: Comma-separated statistics the QP predictor reads (mean, max, std, qP of |x|).
     predictor_features: str = "mean,max,q0.9,q0.99,q0.999"
-    #: Comma-separated quantizers whose inputs feed a predictor ("" = the first one).
-    predictor_sources: str = ""
+    #: Where predictors read their features: ``auto`` (as many evenly spaced activation
+    #: quantizers as 0.5 % of the model's FLOPs pays for, at most 16), ``auto:N`` (N of them),
+    #: comma-separated quantizer names, or "" (the first quantizer only, as in the paper).
+    predictor_sources: str = "auto"
+    #: Elements of each source the features read per sample (a fixed random subset; None: all).
+    predictor_elements: int | None = 2048
     weight_quantizer: str = "uniform"
     activation_quantizer: str = "uniform"
     piecewise: PiecewiseSpec = field(default_factory=PiecewiseSpec)
