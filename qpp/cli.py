@@ -172,8 +172,9 @@ def quantize(
         float, typer.Option(help="dense-sparse: fraction of each tensor kept in float")
     ] = 0.01,
     dynamic_estimator: Annotated[
-        str, typer.Option(help="per-input range of dynamic/predicted uniform QPs")
-    ] = "mse",
+        str,
+        typer.Option(help="per-input range: auto (minmax at 8+ bits, mse below), minmax, mse"),
+    ] = "auto",
     predictor_features: Annotated[
         str, typer.Option(help="QP predictor inputs: mean, max, std, qP (quantiles of |x|)")
     ] = "mean,max,q0.9,q0.99,q0.999",

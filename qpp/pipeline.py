@@ -184,7 +184,7 @@ def compare_modes(
             "overhead_flops": cost[mode],
             "overhead_percent": round(100.0 * cost[mode] / max(1, flops), 4),
         }
-        if layers is not None:
+        if layers:
             summary = density_summary(layers, target)
             row["outlier_density"] = {k: v for k, v in summary.items() if k != "layers"}
             comparison.densities[mode] = torch.cat([layer.values for layer in layers])
@@ -271,7 +271,7 @@ def _quantize(
     quantized_metrics, evaluate_seconds, layers = evaluate_quantized(
         entry, quantized, activation_qps, fp32_outputs, show_progress
     )
-    if layers is not None:
+    if layers:
         extra["outlier_density"] = density_summary(layers, qp_settings.outlier_fraction)
     if activation_qps is not None and activation_qps.fit_r_squared:
         r2 = list(activation_qps.fit_r_squared.values())

@@ -61,7 +61,7 @@ class ActivationQPSettings:
     scheme: str = "uniform"
     outlier_fraction: float = 0.01
     #: The per-sample range estimator of dynamic uniform QPs (and the predictor's targets).
-    estimator: str = "mse"
+    estimator: str = "auto"
     features: tuple[str, ...] = DEFAULT_FEATURES
     #: Quantizers whose inputs feed a predictor; empty = ``source_count`` of them, evenly
     #: spaced over the run order from the first activation quantizer on.
@@ -324,6 +324,7 @@ def _sources(
     model: QuantizedModel, settings: ActivationQPSettings, sizes: dict[str, int], batch: Batch
 ) -> list[str]:
     names = [q.name for q in execution_order(model) if q.enabled and q.calibrated]
+    names = [name for name in names if name in sizes]
     if not settings.sources:
         count = settings.source_count
         if count is None:
@@ -356,20 +357,35 @@ def static_quantizers(model: QuantizedModel) -> Iterator[None]:
 
 
 def sample_sizes(model: QuantizedModel, batch: Batch) -> dict[str, int]:
-    """Elements per sample of each activation quantizer's input (one sample, static QPs)."""
-    sizes: dict[str, int] = {}
+    """Elements per sample of each activation quantizer's input whose first dimension is the
+    batch (probes of two and three samples, or one if the batch has one; static QPs).
+    Tensors that carry the batch elsewhere (e.g. an attention tensor ``[1, N, heads, T, d]``
+    split from a fused QKV projection) are left out: they cannot take per-sample QPs and keep
+    their static encoding."""
+    available = int(batch[0].shape[0]) if batch[0].ndim else 1
+    counts = [2, 3] if available >= 3 else [min(available, 2)]
+    probes: list[dict[str, torch.Size]] = []
 
     def record(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        sizes.setdefault(module.name, args[0][0].numel() if args[0].ndim else 1)  # type: ignore[arg-type]
+        probes[-1].setdefault(module.name, args[0].shape)  # type: ignore[arg-type]
 
     hooks = [q.register_forward_pre_hook(record) for q in execution_order(model)]
     try:
         with static_quantizers(model), torch.no_grad():
-            model(*[x[:1] for x in batch])
+            for count in counts:
+                probes.append({})
+                model(*[x[:count] for x in batch])
     finally:
         for hook in hooks:
             hook.remove()
-    return sizes
+    return {
+        name: shape.numel() // counts[0]
+        for name, shape in probes[0].items()
+        if all(
+            len(probe.get(name, ())) and probe[name][0] == count
+            for probe, count in zip(probes, counts, strict=True)
+        )
+    }
 
 
 def layer_schemes(sizes: dict[str, int], settings: ActivationQPSettings) -> dict[str, Scheme]:
@@ -391,8 +407,11 @@ def attach(
     schemes: dict[str, Scheme] | None = None,
 ) -> tuple[ActivationQPs, list[Quantizer]]:
     """A ``SampleQuantizer`` on every enabled, calibrated activation quantizer, in run order,
-    with the scheme ``schemes`` names for it (default: ``settings.scheme``)."""
+    with the scheme ``schemes`` names for it (default: ``settings.scheme``); with ``schemes``,
+    only on the quantizers it names (those whose tensors are batch-first)."""
     order = [q for q in execution_order(model) if q.enabled and q.calibrated]
+    if schemes is not None:
+        order = [q for q in order if q.name in schemes]
     scheme, mode = parse_scheme(settings.scheme), parse_mode(settings.mode)
     schemes = schemes or {}
     samplers = {
@@ -522,16 +541,20 @@ def load_activation_qps(
     return handle
 
 
-def _saved_schemes(folder: Path) -> dict[str, Scheme]:
-    """Each layer's scheme as saved (older saves have none: the settings' scheme applies)."""
+def _saved_schemes(folder: Path) -> dict[str, Scheme] | None:
+    """Each per-sample layer's scheme as saved; None for saves that predate it (then every
+    activation quantizer takes the settings' scheme)."""
     path = folder / STATE_FILES[0]
+    if not path.is_file():
+        return None
     try:
-        layers = json.loads(path.read_text()).get("layers", {}) if path.is_file() else {}
-        return {
+        layers = json.loads(path.read_text())["layers"]
+        schemes = {
             name: Scheme(layer["scheme"]) for name, layer in layers.items() if "scheme" in layer
         }
-    except (AttributeError, TypeError, ValueError, json.JSONDecodeError) as error:
+    except (KeyError, AttributeError, TypeError, ValueError, json.JSONDecodeError) as error:
         raise EncodingsError(f"{path} is corrupt ({error}); quantize again") from None
+    return schemes or None
 
 
 def settings_from_config(config: QuantConfig) -> ActivationQPSettings:

@@ -60,11 +60,28 @@ def parse_scheme(scheme: str) -> Scheme:
         raise ConfigError(f"unknown scheme '{scheme}'; use uniform or dense-sparse") from None
 
 
+#: ``auto``: min-max at 8 bits and more, MSE below (white paper §3.1: min-max ranges suffice
+#: at 8 bits, lower bit-widths need clipping). Measured per sample on all-MiniLM-L6-v2:
+#: A8 min-max mean cosine 0.9934 vs MSE 0.9735 (MSE clips the outlier channels of single
+#: inputs); A4 MSE 0.706 vs min-max 0.463.
+AUTO_ESTIMATOR = "auto"
+
+
+def resolve_dynamic_estimator(estimator: str, bits: int) -> str:
+    """The per-sample estimator ``estimator`` means for a ``bits``-bit activation."""
+    if estimator != AUTO_ESTIMATOR:
+        return estimator
+    return "minmax" if bits >= 8 else "mse"
+
+
 def check_dynamic_estimator(estimator: str) -> None:
+    if estimator == AUTO_ESTIMATOR:
+        return
     name, _ = parse_estimator(estimator)
     if name not in DYNAMIC_ESTIMATORS:
         raise ConfigError(
-            f"estimator '{estimator}' cannot run per sample; use minmax, percentile[:P] or mse[:p]"
+            f"estimator '{estimator}' cannot run per sample; use auto, minmax, percentile[:P] "
+            "or mse[:p]"
         )
 
 
@@ -137,7 +154,7 @@ class SampleQuantizer:
         scheme: Scheme,
         mode: QPMode,
         outlier_fraction: float = 0.01,
-        estimator: str = "mse",
+        estimator: str = AUTO_ESTIMATOR,
     ) -> None:
         check_outlier_fraction(outlier_fraction)
         check_dynamic_estimator(estimator)
@@ -145,7 +162,7 @@ class SampleQuantizer:
         self.scheme = scheme
         self.mode = mode
         self.outlier_fraction = outlier_fraction
-        self.estimator = estimator
+        self.estimator = resolve_dynamic_estimator(estimator, quantizer.spec.bits)
         self.nonnegative = False
         self.static_threshold: torch.Tensor | None = None
         self.predicted: SampleQPs | None = None

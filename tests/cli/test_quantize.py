@@ -244,7 +244,7 @@ def test_predicted_dense_sparse_with_compare(qpp, user_classifier, tmp_path: Pat
         "--scheme",
         "dense-sparse",
         "--outlier-fraction",
-        "0.02",
+        "0.2",  # Dense+Sparse needs 10 / 0.2 = 50 elements per sample: the 64 inputs qualify
         "--compare",
         "--json",
         "--out",
@@ -257,12 +257,12 @@ def test_predicted_dense_sparse_with_compare(qpp, user_classifier, tmp_path: Pat
     for row in modes.values():
         assert set(row["metrics"]) == {"top1", "output_cosine"}
         assert 0.0 <= row["outlier_density"]["mean"] <= 1.0
-    assert modes["dynamic"]["outlier_density"]["mean"] <= 0.02 + 1e-6  # exact thresholds
+    assert modes["dynamic"]["outlier_density"]["mean"] <= 0.2 + 1e-6  # exact thresholds
     assert modes["static"]["overhead_flops"] == 0
     # on a 64-input MLP the features cost more than min/max reductions; both are counted
     assert modes["predicted"]["overhead_percent"] > 0 and modes["dynamic"]["overhead_flops"] > 0
     assert data["metrics"]["quantized"] == modes["predicted"]["metrics"]
-    assert data["outlier_density"]["target"] == 0.02
+    assert data["outlier_density"]["target"] == 0.2
     assert (run / "activation_qps.json").is_file()
     assert (run / "activation_qps.safetensors").is_file()
     assert data["plots"] == ["qps_predicted.png", "outlier_density.png"]
@@ -272,6 +272,21 @@ def test_predicted_dense_sparse_with_compare(qpp, user_classifier, tmp_path: Pat
     evaluated = qpp("eval", run, "--json")
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads(evaluated.stdout)["reproduced"] is True
+
+
+def test_dense_sparse_on_tensors_too_small_for_the_fraction_stays_uniform(
+    qpp, user_classifier
+) -> None:
+    """At 1 % a 64-value tensor has no outlier tail: every layer keeps the uniform scheme and
+    the report has no density rows instead of failing."""
+    result = qpp(
+        "quantize", *user_classifier.args(), "--activation-ranges", "predicted",
+        "--scheme", "dense-sparse", "--compare", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert "outlier_density" not in data
+    assert all("outlier_density" not in row for row in data["compare"]["modes"].values())
 
 
 def test_bad_activation_range_mode_is_a_user_error(qpp, user_error, user_classifier) -> None:

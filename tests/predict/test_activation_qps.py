@@ -349,3 +349,33 @@ def test_auto_sources_spend_the_overhead_budget(net: nn.Module) -> None:
     assert counts[1e-9, 1] == 1 and counts[1.0, 1] == len(names)
     # Never dearer than half the dynamic reductions, whatever the budget.
     assert all(cost["predictor"] <= cost["dynamic"] / 2 for cost in costs.values())
+
+
+class StackedNet(nn.Module):
+    """A fused projection stacked as ``[3, N, T, 8]`` before a linear layer: that tensor's first
+    dimension is not the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stacked = self.qkv(x).reshape(x.shape[0], x.shape[1], 3, 8).permute(2, 0, 1, 3)
+        return self.out(torch.relu(stacked)).sum(dim=0)
+
+
+def test_tensors_without_a_leading_batch_keep_static_qps() -> None:
+    torch.manual_seed(0)
+    net = StackedNet().eval()
+    batches = [(torch.randn(4, 6, 8) * scale,) for scale in (0.5, 1.0, 2.0, 4.0)]
+    model = quantize(net, batches, QuantConfig(activation_bits=8))
+    handle = configure_activation_qps(model, batches, ActivationQPSettings(mode="predicted"))
+    batch_first = sample_sizes(model, batches[0])
+    names = {q.name for q in execution_order(model) if q.enabled}
+    assert names - set(batch_first), "the stacked tensor should not count as batch-first"
+    assert set(handle.samplers) == set(batch_first) & names
+    for mode in ("predicted", "dynamic", "static"):
+        handle.set_mode(mode)
+        with torch.no_grad():
+            assert model(*batches[0]).shape == (4, 6, 4)
