@@ -86,6 +86,7 @@ def qpp_rows(name: str, entry: Any, bits: list[int]) -> list[str]:
             dense_sparse_layers = sum(
                 s.scheme.value == "dense-sparse" for s in handle.samplers.values()
             )
+            sources = f" ({len(handle.predictors)} of {len(handle.samplers)} sources)"
             print(f"  {name} A{activation_bits} {scheme}: {time.perf_counter() - started:.0f} s")
             for mode, row in modes.items():
                 density = row.get("outlier_density")
@@ -99,7 +100,8 @@ def qpp_rows(name: str, entry: Any, bits: list[int]) -> list[str]:
                         if density
                         else ""
                     )
-                    + f" | {mode} | {row['metrics'][primary]:.4f} | {spread} | "
+                    + f" | {mode}{sources if mode == 'predicted' else ''} | "
+                    f"{row['metrics'][primary]:.4f} | {spread} | "
                     f"{row['overhead_percent']:.3f} | {closed if mode == 'predicted' else ''} |"
                 )
     return lines
