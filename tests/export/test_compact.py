@@ -1,0 +1,66 @@
+"""Rewrites of the exported graph: faster ops and a smaller file, same function."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+import qpp
+from qpp.export.ort import KernelReport, make_session, optimized_op_counts, run_session
+
+
+class SqueezeExcite(torch.nn.Module):
+    """conv -> ReLU -> spatial mean -> conv -> sigmoid gate, as in MobileNetV3 / PP-OCR."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.excite = torch.nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv(x))
+        return y * torch.sigmoid(self.excite(y.mean((2, 3), keepdim=True)))
+
+
+def test_spatial_means_run_as_integer_global_average_pools(tmp_path: Path) -> None:
+    generator = torch.Generator().manual_seed(0)
+    fp32 = SqueezeExcite().eval()
+    data = [(torch.randn(4, 3, 12, 12, generator=generator),) for _ in range(3)]
+    model = qpp.quantize(fp32, data)
+    path = tmp_path / "se.onnx"
+    model.export_onnx(path, data[0], ["x"])
+    proto = onnx.load(str(path))
+    ops = [node.op_type for node in proto.graph.node]
+    assert "ReduceMean" not in ops and ops.count("GlobalAveragePool") == 1
+    counts = optimized_op_counts(path, tmp_path)
+    assert counts.get("QLinearGlobalAveragePool") == 1
+    assert KernelReport.from_counts(counts).integer == {"QLinearConv": 2}
+    deployed = run_session(make_session(path), data)[0]
+    simulated = qpp.run(model, data).numpy()
+    assert np.abs(deployed - simulated).max() <= (simulated.max() - simulated.min()) / 255
+
+
+def test_all_zero_conv_zero_points_are_left_out_and_names_are_short(tmp_path: Path) -> None:
+    generator = torch.Generator().manual_seed(1)
+    fp32 = SqueezeExcite().eval()
+    data = [(torch.randn(4, 3, 12, 12, generator=generator),) for _ in range(2)]
+    model = qpp.quantize(fp32, data, qpp.QuantConfig(weight_bits=7))  # int8 weights
+    path = tmp_path / "se7.onnx"
+    model.export_onnx(path, data[0], ["x"])
+    proto = onnx.load(str(path))
+    initializers = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    weights_and_biases = [
+        node
+        for node in proto.graph.node
+        if node.op_type == "DequantizeLinear" and node.input[0] in initializers
+    ]
+    assert len(weights_and_biases) == 4  # two int8 weights, two int32 biases
+    assert all(len(node.input) == 2 for node in weights_and_biases)
+    assert all(not node.name for node in proto.graph.node)
+    graph_outputs = {value.name for value in proto.graph.output}
+    values = [name for node in proto.graph.node for name in node.output]
+    assert max(len(name) for name in values if name not in graph_outputs) <= 4
