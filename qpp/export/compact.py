@@ -6,9 +6,9 @@
 - ``DequantizeLinear`` zero points that are all zero are dropped where ONNX's default (0) means
   the same: int8 weights and int32 biases of convs (a uint8 zero point must stay, it sets the
   type; ORT fuses Gemm into QGemm only with the zero point given).
-- Intermediate values get short names (``v1f``) and nodes none: the exporter's names
-  (``dequantize_per_channel_55``) are read once per use and weigh as much as a small model's
-  per-channel scales.
+- Intermediate values and initializers get short names (``v1f``, ``i2a``) and nodes none: the
+  exporter's names (``dequantize_per_channel_55``) are stored once per use and weigh as much as
+  a small model's per-channel scales.
 """
 
 from __future__ import annotations
@@ -95,8 +95,8 @@ def drop_zero_zero_points(proto: Any) -> int:
 
 
 def short_value_names(proto: Any) -> None:
-    """Rename intermediate values to short names and clear node names (graph inputs, outputs
-    and initializers keep theirs)."""
+    """Rename intermediate values and initializers to short names and clear node names (graph
+    inputs and outputs keep theirs)."""
     graph = proto.graph
     if any(
         a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
@@ -104,8 +104,12 @@ def short_value_names(proto: Any) -> None:
         for a in n.attribute
     ):
         return  # subgraphs may read outer names
-    kept = {v.name for v in [*graph.input, *graph.output]} | {t.name for t in graph.initializer}
+    kept = {v.name for v in [*graph.input, *graph.output]}
     renamed: dict[str, str] = {}
+    for initializer in graph.initializer:
+        if initializer.name not in kept:
+            renamed[initializer.name] = f"i{len(renamed):x}"
+            initializer.name = renamed[initializer.name]
     for node in graph.node:
         node.name = ""
         node.doc_string = ""
