@@ -3,6 +3,9 @@
 - ``ReduceMean`` over the spatial axes of a 4-D tensor (``torch.mean(x, (2, 3), keepdim=True)``,
   e.g. a squeeze-excite block) becomes ``GlobalAveragePool``, the op that ORT's QDQ optimizer
   turns into its integer ``QLinearGlobalAveragePool`` (same average, in integers).
+- ``x * clip(x + 3, 0, 6) / 6`` becomes one ``HardSwish``: one pass over the tensor instead of
+  four (ORT computes the same values; in PP-OCR these float ops cost more than the gap to ORT's
+  own int8 model).
 - ``DequantizeLinear`` zero points that are all zero are dropped where ONNX's default (0) means
   the same: int8 weights and int32 biases of convs (a uint8 zero point must stay, it sets the
   type; ORT fuses Gemm into QGemm only with the zero point given).
@@ -62,6 +65,56 @@ def global_average_pools(proto: Any) -> int:
         del node.input[1:]
         del node.attribute[:]
         replaced += 1
+    return replaced
+
+
+def _scalar(values: dict[str, np.ndarray], name: str) -> float | None:
+    value = values.get(name)
+    return float(value) if value is not None and value.size == 1 else None
+
+
+def hard_swishes(proto: Any) -> int:
+    """Replace ``x * clip(x + 3, 0, 6) / 6`` (four float ops, as torch and Paddle write
+    hardswish) by ONNX's one ``HardSwish`` op (opset 14+). Returns how many were replaced."""
+    graph = proto.graph
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 14:
+        return 0
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    users: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    graph_outputs = {value.name for value in graph.output}
+
+    def sole_user(node: Any, op_type: str) -> Any | None:
+        found = users.get(node.output[0], [])
+        if node.output[0] in graph_outputs or len(found) != 1 or found[0].op_type != op_type:
+            return None
+        return found[0]
+
+    replaced, removed = 0, []
+    for add in graph.node:
+        if add.op_type != "Add" or _scalar(values, add.input[1]) != 3.0:
+            continue
+        clip = sole_user(add, "Clip")
+        mul = clip and sole_user(clip, "Mul")
+        div = mul and sole_user(mul, "Div")
+        if not (clip and mul and div) or len(clip.input) != 3:
+            continue
+        x = add.input[0]
+        if (_scalar(values, clip.input[1]), _scalar(values, clip.input[2])) != (0.0, 6.0):
+            continue
+        if sorted(mul.input) != sorted([x, clip.output[0]]) or div.input[0] != mul.output[0]:
+            continue
+        if _scalar(values, div.input[1]) != 6.0:
+            continue
+        swish = onnx.helper.make_node("HardSwish", [x], [div.output[0]])
+        div.CopyFrom(swish)
+        removed += [add, clip, mul]
+        replaced += 1
+    for node in removed:
+        graph.node.remove(node)
     return replaced
 
 

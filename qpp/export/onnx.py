@@ -33,7 +33,12 @@ import torch
 from torch.fx import GraphModule, Node
 
 from qpp.errors import ConfigError, OutputExistsError, UnsupportedOpError
-from qpp.export.compact import drop_zero_zero_points, global_average_pools, short_value_names
+from qpp.export.compact import (
+    drop_zero_zero_points,
+    global_average_pools,
+    hard_swishes,
+    short_value_names,
+)
 from qpp.export.isa import CpuIsa, WeightFormat, detect_isa
 from qpp.graph.ops import OpKind, op_kind
 from qpp.quant.affine import INT32_RANGE, quantize_bias
@@ -351,6 +356,7 @@ def export_onnx(
     names = list(input_names) if input_names else [f"input{i}" for i in range(len(inputs))]
     proto = _torch_export(lowered.graph_module, inputs, names)
     global_average_pools(proto)
+    hard_swishes(proto)
     _strip_metadata(proto)
     drop_zero_zero_points(proto)
     short_value_names(proto)

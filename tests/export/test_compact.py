@@ -64,3 +64,31 @@ def test_all_zero_conv_zero_points_are_left_out_and_names_are_short(tmp_path: Pa
     graph_outputs = {value.name for value in proto.graph.output}
     values = [name for node in proto.graph.node for name in node.output]
     assert max(len(name) for name in values if name not in graph_outputs) <= 4
+
+
+class DecomposedHardSwish(torch.nn.Module):
+    """conv -> x * clip(x + 3, 0, 6) / 6 -> conv, hardswish as Paddle's ONNX files write it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.head = torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.head(y * torch.clamp(y + 3, 0, 6) / 6)
+
+
+def test_decomposed_hardswish_exports_as_one_op_with_the_same_outputs(tmp_path: Path) -> None:
+    generator = torch.Generator().manual_seed(2)
+    fp32 = DecomposedHardSwish().eval()
+    data = [(3 * torch.randn(4, 3, 10, 10, generator=generator),) for _ in range(3)]
+    model = qpp.quantize(fp32, data)
+    path = tmp_path / "hardswish.onnx"
+    model.export_onnx(path, data[0], ["x"])
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    assert ops.count("HardSwish") == 1
+    assert not {"Clip", "Div"} & set(ops)
+    deployed = run_session(make_session(path), data)[0]
+    simulated = qpp.run(model, data).numpy()
+    assert np.abs(deployed - simulated).max() <= (simulated.max() - simulated.min()) / 255
