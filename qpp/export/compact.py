@@ -70,7 +70,7 @@ def global_average_pools(proto: Any) -> int:
 
 def _scalar(values: dict[str, np.ndarray], name: str) -> float | None:
     value = values.get(name)
-    return float(value) if value is not None and value.size == 1 else None
+    return float(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
 
 
 def hard_swishes(proto: Any) -> int:
