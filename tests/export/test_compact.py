@@ -92,3 +92,38 @@ def test_decomposed_hardswish_exports_as_one_op_with_the_same_outputs(tmp_path: 
     deployed = run_session(make_session(path), data)[0]
     simulated = qpp.run(model, data).numpy()
     assert np.abs(deployed - simulated).max() <= (simulated.max() - simulated.min()) / 255
+
+
+def test_hardswish_rewrite_reads_constants_of_any_rank() -> None:
+    """Paddle's files hold the 3 and 6 as one-element vectors, torch's as scalars."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from qpp.export.compact import hard_swishes
+
+    constants = [
+        numpy_helper.from_array(np.array([3.0], np.float32), "three"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+        numpy_helper.from_array(np.array(6.0, np.float32), "six"),  # Clip takes scalars only
+        numpy_helper.from_array(np.array([[6.0]], np.float32), "six_again"),
+    ]
+    nodes = [
+        helper.make_node("Add", ["x", "three"], ["shifted"]),
+        helper.make_node("Clip", ["shifted", "zero", "six"], ["clipped"]),
+        helper.make_node("Mul", ["x", "clipped"], ["product"]),
+        helper.make_node("Div", ["product", "six_again"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "hardswish",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])],
+        constants,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    x = np.linspace(-5, 5, 10, dtype=np.float32).reshape(2, 5)
+    before = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
+    assert hard_swishes(proto) == 1
+    assert [node.op_type for node in proto.graph.node] == ["HardSwish"]
+    after = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-7)
