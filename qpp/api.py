@@ -8,7 +8,7 @@ import torch
 
 from qpp.data import check_batches
 from qpp.graph.capture import capture
-from qpp.graph.fold import fold_batch_norms
+from qpp.graph.fold import fold_batch_norms, fold_bias_adds
 from qpp.graph.placement import place_quantizers
 from qpp.predict import configure_activation_qps, settings_from_config
 from qpp.report.progress import progress
@@ -23,6 +23,7 @@ def prepare(model: torch.nn.Module, example: Batch, config: QuantConfig) -> Quan
     graph_module = capture(model, example)
     if config.fold_batch_norm:
         fold_batch_norms(graph_module)
+        fold_bias_adds(graph_module)
     return QuantizedModel(graph_module, place_quantizers(graph_module, config.policy), config)
 
 

@@ -212,11 +212,13 @@ def bench_job(
     repeats: int = 200,
     reduce_range: bool = True,
     extra_models: dict[str, Path] | None = None,
+    threads: int = DEFAULT_THREADS,
 ) -> BenchResult:
     """Latency in ORT of the FP32 model, qpp's int8 export and ORT's own ``quantize_static``
     int8 model of the same FP32 ONNX (and its 7-bit ``reduce_range`` variant), batch 1 and
     32, round-robin, median of up to ``repeats`` runs or ``time_budget_s`` per batch size.
-    ``extra_models`` (label -> ONNX file taking the same inputs) are timed alongside."""
+    ``extra_models`` (label -> ONNX file taking the same inputs) are timed alongside, every
+    session with ``threads`` intra-op threads."""
     from qpp.export.ort_reference import preprocess, quantize_static_reference
 
     record, entry, fp32, quantized = rebuild_run(folder)
@@ -245,7 +247,7 @@ def bench_job(
             label: KernelReport.from_counts(optimized_op_counts(path, root))
             for label, path in paths.items()
         }
-        sessions = {label: make_session(path) for label, path in paths.items()}
+        sessions = {label: make_session(path, threads) for label, path in paths.items()}
         latency: dict[str, dict[int, Latency]] = {label: {} for label in paths}
         for batch_size in batch_sizes:
             feed = bench_feed(entry, names, batch_size)
@@ -256,7 +258,7 @@ def bench_job(
     return BenchResult(
         record.source.model,
         isa,
-        DEFAULT_THREADS,
+        threads,
         export.weight_format,
         latency,
         sizes,

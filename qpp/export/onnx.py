@@ -8,12 +8,10 @@ integer kernels (QLinearConv, QGemm, QLinearMatMul, MatMulIntegerToFloat):
 - a weight quantizer: its integer weight, stored as an int8 (or shifted uint8, see
   ``qpp.export.isa``) initializer, then ``DequantizeLinear`` (per channel where the simulation
   is), so the file holds one byte per weight;
-- the float bias of a conv or 2-D linear (ONNX Gemm) whose input and weight are quantized:
-  int32 at scale ``s_x s_w`` with zero point 0 (eq. 11's accumulator scale), as ORT's
-  QLinearConv/QGemm fusions require. Its rounding error is at most ``s_x s_w / 2`` per output;
-  the simulation keeps the bias in float (white paper §2.3), so an output that lies within that
-  distance of a rounding boundary can land one step off. Linear layers on 3-D inputs export as
-  MatMul + Add, and ORT's MatMulIntegerToFloat takes their float bias as it is.
+- a bias the simulation puts on the int32 accumulator grid (``qpp.sim.bias``): for a conv or
+  2-D linear (ONNX Gemm) the same int32 values at scale ``s_x s_w`` with zero point 0 (eq. 11),
+  as ORT's QLinearConv/QGemm fusions require; linear layers on 3-D inputs export as MatMul +
+  Add, and ORT's MatMulIntegerToFloat adds their (already rounded) bias in float.
 
 The graph is rewritten on a copy of the captured FX graph with ``quantized_decomposed`` ops, then
 ``torch.onnx.export`` (dynamo) translates them to QuantizeLinear/DequantizeLinear. Nothing in
@@ -35,15 +33,22 @@ import torch
 from torch.fx import GraphModule, Node
 
 from qpp.errors import ConfigError, OutputExistsError, UnsupportedOpError
+from qpp.export.compact import (
+    drop_zero_zero_points,
+    global_average_pools,
+    hard_swishes,
+    short_value_names,
+)
 from qpp.export.isa import CpuIsa, WeightFormat, detect_isa
 from qpp.graph.ops import OpKind, op_kind
+from qpp.quant.affine import INT32_RANGE, quantize_bias
+from qpp.sim.bias import BiasQuantizer
 from qpp.sim.model import QUANTIZER_ROOT, QuantizedModel
 from qpp.sim.quantizer import Mode, Quantizer, QuantizerKind
 
 #: ONNX QuantizeLinear/DequantizeLinear carry 8-bit integers with integer kernels behind them;
 #: narrower encodings live in an 8-bit container (their values stay on their own grid).
 MAX_EXPORT_BITS = 8
-INT32_RANGE = (-(2**31), 2**31 - 1)
 _decomposed = None
 SHIFTED_NOTE = (
     "8-bit weights are stored as uint8 shifted by 128 (the same grid), so ONNX Runtime runs its "
@@ -84,8 +89,6 @@ class ExportReport:
 @dataclass
 class _Lowered:
     graph_module: GraphModule
-    #: Output node of each lowered quantizer -> its (per-tensor or per-channel) scale.
-    scales: dict[Node, torch.Tensor]
     weights: int = 0
     activations: int = 0
     biases: int = 0
@@ -160,16 +163,21 @@ def lower_quantizers(model: QuantizedModel, weight_format: WeightFormat) -> Grap
 def _lower(model: QuantizedModel, weight_format: WeightFormat) -> _Lowered:
     check_exportable(model)
     graph_module = copy.deepcopy(model.graph_module)
-    lowered = _Lowered(graph_module, {})
+    lowered = _Lowered(graph_module)
     graph = graph_module.graph
     for node in list(graph.nodes):
         if node.op != "call_module" or not str(node.target).startswith(f"{QUANTIZER_ROOT}."):
             continue
         quantizer = graph_module.get_submodule(str(node.target))
-        assert isinstance(quantizer, Quantizer)
         value = node.args[0]
         assert isinstance(value, Node)
-        if not _is_active(quantizer):
+        if isinstance(quantizer, BiasQuantizer):
+            replacement = (
+                _lower_bias(lowered, node, quantizer, value) if quantizer.active else value
+            )
+        elif not isinstance(quantizer, Quantizer):
+            raise TypeError(f"unexpected module {type(quantizer).__name__} among the quantizers")
+        elif not _is_active(quantizer):
             lowered.float_quantizers.append(quantizer.name)
             replacement = value
         elif quantizer.kind is QuantizerKind.WEIGHT:
@@ -180,7 +188,6 @@ def _lower(model: QuantizedModel, weight_format: WeightFormat) -> _Lowered:
             lowered.activations += 1
         node.replace_all_uses_with(replacement)
         graph.erase_node(node)
-    _quantize_biases(lowered)
     graph.eliminate_dead_code()
     if hasattr(graph_module, QUANTIZER_ROOT):
         delattr(graph_module, QUANTIZER_ROOT)
@@ -237,7 +244,6 @@ def _lower_weight(
                 (stored, scales, zero_points, quantizer.axis % tensor.ndim, qmin, qmax, dtype),
             )
     output.meta = dict(node.meta)
-    lowered.scales[output] = quantizer.scale
     return output
 
 
@@ -270,58 +276,46 @@ def _lower_activation(lowered: _Lowered, node: Node, quantizer: Quantizer, value
             (quantized, scale, zero_point, qmin, qmax, dtype),
         )
     output.meta = dict(node.meta)
-    lowered.scales[output] = quantizer.scale
     return output
 
 
-def _quantize_biases(lowered: _Lowered) -> None:
-    """Store the bias of each conv/linear with quantized input and weight as int32 at scale
-    ``s_x s_w`` (white paper eq. 11; ORT's QDQ fusion needs a dequantized int32 bias)."""
+def _lower_bias(lowered: _Lowered, node: Node, bias_quantizer: BiasQuantizer, bias: Node) -> Node:
+    """The bias on the int32 accumulator grid, exactly as the simulation rounds it
+    (``qpp.quant.affine.quantize_bias``, white paper eq. 11).
+
+    Convs and 2-D linears (ONNX Conv / Gemm) get an int32 initializer and ``DequantizeLinear``
+    at scale ``s_x s_w``, which ORT's QLinearConv / QGemm fusions take as their int32 bias.
+    Linears on 3-D inputs export as MatMul + Add, and ORT's MatMulIntegerToFloat adds a float
+    bias: they get the dequantized values as a float initializer (the same numbers).
+    """
     ops = _quantized_decomposed()
     graph_module = lowered.graph_module
     graph = graph_module.graph
-    for node in list(graph.nodes):
-        if op_kind(node) not in (OpKind.CONV, OpKind.LINEAR) or len(node.args) < 3:
-            continue
-        if node.target in (torch.ops.aten.addmm.default, torch.addmm):
-            continue
-        activation, weight, bias = node.args[:3]
-        while (
-            isinstance(activation, Node)
-            and activation not in lowered.scales
-            and op_kind(activation) is OpKind.LAYOUT
-        ):
-            activation = activation.args[0]
-        if not (
-            isinstance(bias, Node)
-            and bias.op == "get_attr"
-            and activation in lowered.scales
-            and weight in lowered.scales
-            and lowered.scales[activation].numel() == 1
-        ):
-            continue
-        if op_kind(node) is OpKind.LINEAR and _rank(node.args[0]) != 2:
-            # Exported as MatMul + Add: ORT's MatMulIntegerToFloat takes the float bias as is,
-            # so it keeps the simulation's float bias (no rounding at all).
-            continue
-        float_bias = _attribute(graph_module, str(bias.target))
-        scale = (lowered.scales[activation].double() * lowered.scales[weight].double()).reshape(-1)
-        scale = scale.expand(float_bias.shape[0]).contiguous()
-        integer = torch.round(float_bias.double() / scale)
-        if bool((integer.abs() > INT32_RANGE[1]).any()):
-            continue  # a bias beyond int32 at this scale stays float (the op then runs in float)
-        with graph.inserting_before(node):
-            stored = _constant(lowered, f"{bias.target}.int32", integer.to(torch.int32))
-            scales = _constant(lowered, f"{bias.target}.scale", scale.float())
-            zero_points = _constant(
-                lowered, f"{bias.target}.zero_point", torch.zeros_like(integer, dtype=torch.int64)
-            )
-            dequantized = graph.call_function(
-                ops.dequantize_per_channel.default,  # type: ignore[attr-defined]
-                (stored, scales, zero_points, 0, *INT32_RANGE, torch.int32),
-            )
-        node.replace_input_with(bias, dequantized)
-        lowered.biases += 1
+    integer = quantize_bias(
+        _attribute(graph_module, str(bias.target)),
+        bias_quantizer.activation.scale,
+        bias_quantizer.weight.scale,
+    )
+    (consumer,) = node.users
+    as_int32 = op_kind(consumer) is OpKind.CONV or (
+        op_kind(consumer) is OpKind.LINEAR
+        and consumer.target not in (torch.ops.aten.addmm.default, torch.addmm)
+        and _rank(consumer.args[0]) == 2
+    )
+    with graph.inserting_before(node):
+        if not as_int32:
+            return _constant(lowered, f"{bias.target}.on_grid", integer.dequantize().float())
+        stored = _constant(lowered, f"{bias.target}.int32", integer.values)
+        scales = _constant(lowered, f"{bias.target}.scale", integer.scale.float())
+        zero_points = _constant(
+            lowered, f"{bias.target}.zero_point", integer.zero_point.to(torch.int64)
+        )
+        output = graph.call_function(
+            ops.dequantize_per_channel.default,  # type: ignore[attr-defined]
+            (stored, scales, zero_points, 0, *INT32_RANGE, torch.int32),
+        )
+    lowered.biases += 1
+    return output
 
 
 def _rank(value: object) -> int | None:
@@ -361,7 +355,11 @@ def export_onnx(
     inputs = tuple(example_inputs)
     names = list(input_names) if input_names else [f"input{i}" for i in range(len(inputs))]
     proto = _torch_export(lowered.graph_module, inputs, names)
+    global_average_pools(proto)
+    hard_swishes(proto)
     _strip_metadata(proto)
+    drop_zero_zero_points(proto)
+    short_value_names(proto)
     import onnx
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -376,8 +374,19 @@ def export_onnx(
         int32_biases=lowered.biases,
         opset=opset,
         float_quantizers=lowered.float_quantizers,
-        notes=[SHIFTED_NOTE] if weight_format is WeightFormat.UINT8_SHIFTED else [],
+        notes=_notes(model, weight_format),
     )
+
+
+def _notes(model: QuantizedModel, weight_format: WeightFormat) -> list[str]:
+    notes = [SHIFTED_NOTE] if weight_format is WeightFormat.UINT8_SHIFTED else []
+    if not model.config.int32_bias:
+        notes.append(
+            "the simulation keeps biases in float (int32_bias false), so they are exported in "
+            "float: ORT runs such Gemms in float and rounds conv biases itself; quantize with "
+            "int32_bias true (the default) for an exact integer deployment"
+        )
+    return notes
 
 
 def export_float_onnx(

@@ -131,3 +131,67 @@ def _free_attribute(owner: torch.nn.Module, name: str) -> str:
         index += 1
         candidate = f"{name}_{index}"
     return candidate
+
+
+def fold_bias_adds(graph_module: GraphModule) -> list[str]:
+    """Fold ``conv(x, W) + c`` (a bias-less conv/linear followed by an add of a constant with one
+    value per output channel) into the layer's bias: ``conv(x, W, c)``.
+
+    Exporters (PaddlePaddle's, for PP-OCR's squeeze-excite convs) write the bias as a separate
+    Add; left alone, the layer's output quantizer would sit between the conv and its bias, and
+    an integer runtime could not add the bias in its int32 accumulator (white paper eq. 11).
+    Returns the names of the folded add nodes.
+    """
+    folded: list[str] = []
+    for node in list(graph_module.graph.nodes):
+        if (
+            op_kind(node) is not OpKind.ADD
+            or len(node.args) != 2
+            or node.kwargs.get("alpha", 1) != 1
+        ):
+            continue
+        for layer, constant in (node.args, reversed(node.args)):
+            if _fold_bias_add(graph_module, node, layer, constant):
+                folded.append(node.name)
+                break
+    graph_module.graph.eliminate_dead_code()
+    graph_module.graph.lint()
+    graph_module.recompile()
+    return folded
+
+
+def _fold_bias_add(graph_module: GraphModule, add: Node, layer: object, constant: object) -> bool:
+    if not (isinstance(layer, Node) and len(layer.users) == 1):
+        return False
+    if op_kind(layer) not in (OpKind.CONV, OpKind.LINEAR) or layer.target in (
+        torch.ops.aten.addmm.default,
+        torch.addmm,
+    ):
+        return False
+    if (len(layer.args) > 2 and layer.args[2] is not None) or "bias" in layer.kwargs:
+        return False
+    weight, value = _tensor_of(graph_module, layer.args[1]), _tensor_of(graph_module, constant)
+    output = layer.meta.get("val")
+    if weight is None or value is None or not isinstance(output, torch.Tensor):
+        return False
+    channels = weight.shape[0]
+    channel_axis = 1 if op_kind(layer) is OpKind.CONV else output.ndim - 1
+    expected = [1] * output.ndim
+    expected[channel_axis] = channels
+    shape = [1] * (output.ndim - value.ndim) + list(value.shape)
+    if value.numel() != channels or shape != expected:
+        return False
+    weight_target = str(layer.args[1].target)  # type: ignore[union-attr]
+    owner_path, _, leaf = weight_target.rpartition(".")
+    owner = graph_module.get_submodule(owner_path) if owner_path else graph_module
+    bias_name = _free_attribute(owner, leaf.replace("weight", "bias") or "bias")
+    bias = value.detach().reshape(channels).to(weight.dtype).clone()
+    owner.register_parameter(bias_name, torch.nn.Parameter(bias, requires_grad=False))
+    with graph_module.graph.inserting_before(layer):
+        bias_node = graph_module.graph.get_attr(f"{owner_path}.{bias_name}".lstrip("."))
+    padded = list(layer.args) + [None] * max(0, 3 - len(layer.args))
+    layer.args = (*padded[:2], bias_node, *padded[3:])
+    layer.meta = {**layer.meta, "val": add.meta.get("val", output)}
+    add.replace_all_uses_with(layer)
+    graph_module.graph.erase_node(add)
+    return True

@@ -162,3 +162,44 @@ class IntegerTensor:
 
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.values, self.scale, self.zero_point, self.axis)
+
+
+# --- biases on the accumulator grid ----------------------------------------------------------
+
+#: The accumulator of an integer conv/matmul: a bias is stored as int32 on its grid.
+INT32_RANGE = (-(2**31), 2**31 - 1)
+
+
+def bias_scale(
+    activation_scale: torch.Tensor, weight_scale: torch.Tensor, channels: int
+) -> torch.Tensor:
+    """The accumulator scale ``s_x s_w`` of each of ``channels`` outputs, in float64.
+
+    White paper eq. (11): ``W x`` in integers sums ``s_w s_x W_int x_int``, so the bias that an
+    integer kernel adds to the int32 accumulator lives on the grid ``s_x s_w`` (per output
+    channel where the weight is per channel).
+    """
+    scale = activation_scale.detach().double().reshape(()) * weight_scale.detach().double()
+    return scale.reshape(-1).expand(channels).contiguous()
+
+
+def quantize_bias(
+    bias: torch.Tensor, activation_scale: torch.Tensor, weight_scale: torch.Tensor
+) -> IntegerTensor:
+    """The bias as int32 on the accumulator grid: ``clamp(round(b / (s_x s_w)); int32)``
+    (white paper §2.3 and eq. 11, zero point 0), as ONNX Runtime's QLinearConv / QGemm add it."""
+    scale = bias_scale(activation_scale, weight_scale, bias.shape[0])
+    values = torch.clamp(torch.round(bias.detach().double() / scale), *INT32_RANGE)
+    zero_point = torch.zeros_like(scale)
+    return IntegerTensor(values.to(torch.int32), scale, zero_point, 32, True, 0)
+
+
+def fake_quantize_bias(
+    bias: torch.Tensor, activation_scale: torch.Tensor, weight_scale: torch.Tensor
+) -> torch.Tensor:
+    """``quantize_bias`` dequantized, ``s_x s_w clamp(round(b / (s_x s_w)); int32)``, with the
+    straight-through gradient to ``b`` (eq. 36). Computed in float64 so the rounding is the one
+    ``quantize_bias`` stores, however large the integer."""
+    scale = bias_scale(activation_scale, weight_scale, bias.shape[0])
+    integer = torch.clamp(round_ste(bias.double() / scale), *INT32_RANGE)
+    return (integer * scale).to(bias.dtype)

@@ -87,6 +87,9 @@ class QuantConfig:
     #: calibration; ``adaround_iterations`` per layer (0: bias correction instead).
     recipe: str | None = None
     adaround_iterations: int = 10_000
+    #: Conv/linear biases on the int32 accumulator grid ``s_x s_w`` (white paper §2.3, eq. 11)
+    #: where input and weight are quantized, as integer kernels add them; false keeps them float.
+    int32_bias: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.piecewise, dict):  # from JSON

@@ -18,8 +18,10 @@ import torch
 from torch.fx import GraphModule, Node
 
 from qpp.errors import ConfigError, EncodingsError
+from qpp.graph.ops import OpKind, op_kind, operand_roles
 from qpp.graph.placement import ActivationSite, Placement, WeightSite
 from qpp.quant.spec import QuantSpec
+from qpp.sim.bias import BiasQuantizer
 from qpp.sim.config import QuantConfig
 from qpp.sim.piecewise import PiecewiseQuantizer
 from qpp.sim.quantizer import Mode, Quantizer, QuantizerKind
@@ -66,6 +68,8 @@ class QuantizedModel(torch.nn.Module):
             self._insert_weight(graph, nodes, site)
         for site in placement.activations:
             self._insert_activation(graph, nodes, site)
+        if self.config.int32_bias:
+            self._insert_bias_quantizers(graph)
         graph.lint()
         self.graph_module.recompile()
 
@@ -104,6 +108,52 @@ class QuantizedModel(torch.nn.Module):
         else:
             for consumer_name in site.consumers:
                 nodes[consumer_name].replace_input_with(value, quantized)
+
+    def _quantizer_at(self, node: object) -> Quantizer | None:
+        if not (isinstance(node, Node) and node.op == "call_module"):
+            return None
+        prefix = f"{QUANTIZER_ROOT}."
+        target = str(node.target)
+        if not target.startswith(prefix):
+            return None
+        module = self.quantizers[target[len(prefix) :]]
+        return module if isinstance(module, Quantizer) else None
+
+    def _insert_bias_quantizers(self, graph: torch.fx.Graph) -> None:
+        """Put the bias of every conv/linear whose input and weight are quantized on the int32
+        accumulator grid (``qpp.sim.bias``). The input may reach the op through layout ops
+        (reshape, max-pool, ...), which keep its grid."""
+        modules = dict(self.graph_module.named_modules())
+        for node in list(graph.nodes):
+            kind = op_kind(node, modules)
+            if kind not in (OpKind.CONV, OpKind.LINEAR):
+                continue
+            roles = operand_roles(node, kind)
+            bias_index = 0 if roles.activations == (1,) else 2  # addmm(bias, x, w)
+            bias = node.args[bias_index] if len(node.args) > bias_index else None
+            if not (isinstance(bias, Node) and bias.op == "get_attr" and roles.weight is not None):
+                continue
+            weight = self._quantizer_at(node.args[roles.weight])
+            source = node.args[roles.activations[0]]
+            while isinstance(source, Node) and self._quantizer_at(source) is None:
+                if op_kind(source, modules) is not OpKind.LAYOUT or not source.args:
+                    break
+                source = source.args[0]
+            activation = self._quantizer_at(source)
+            if weight is None or activation is None or activation.kind is QuantizerKind.WEIGHT:
+                continue
+            key = re.sub(r"\W", "_", f"{bias.target}.int32")
+            while key in self.quantizers:
+                key += "_"
+            self.quantizers[key] = BiasQuantizer(str(bias.target), activation, weight)
+            with graph.inserting_before(node):
+                quantized = graph.call_module(f"{QUANTIZER_ROOT}.{key}", (bias,))
+            quantized.meta = {k: v for k, v in bias.meta.items() if k in ("val", "tensor_meta")}
+            node.replace_input_with(bias, quantized)
+
+    def bias_quantizers(self) -> list[BiasQuantizer]:
+        """The biases simulated on the int32 accumulator grid (``QuantConfig.int32_bias``)."""
+        return [m for m in self.quantizers.values() if isinstance(m, BiasQuantizer)]
 
     def apply_config_overrides(self) -> None:
         """Apply ``config.overrides`` (bits, granularity, estimator, enabled) by name or glob."""

@@ -54,6 +54,7 @@ def test_user_onnx_classifier_exports_and_passes_parity(
     assert sum(result["kernels"]["integer"].values()) == 2  # both linear layers
     assert result["kernels"]["float_compute"] == {}
     assert result["parity"]["passed"], result["parity"]
+    assert [o["max_steps"] <= 1.0 for o in result["parity"]["outputs"]] == [True]
     # The exported file takes the user's input name, so the same npz feeds it.
     import onnxruntime as ort
 

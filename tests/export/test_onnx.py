@@ -84,6 +84,37 @@ def test_weights_are_stored_as_bytes_on_the_simulated_grid(digits: Exported) -> 
         )
 
 
+def test_int32_biases_are_the_simulated_ones(digits: Exported) -> None:
+    """The simulation puts each bias on the accumulator grid s_x s_w; the file stores exactly
+    those integers, which ORT's QLinearConv / QGemm add to their int32 accumulators."""
+    from qpp.graph.patterns import get_attr
+
+    proto = onnx.load(str(digits.path))
+    initializers = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    stored = [
+        (initializers[node.input[0]], initializers[node.input[1]])
+        for node in proto.graph.node
+        if node.op_type == "DequantizeLinear"
+        and node.input[0] in initializers
+        and initializers[node.input[0]].dtype == np.int32
+    ]
+    biases = digits.model.bias_quantizers()
+    assert len(stored) == len(biases) == 6
+    for bias_quantizer in biases:
+        simulated = bias_quantizer(get_attr(digits.model.graph_module, bias_quantizer.name))
+        step = (bias_quantizer.activation.scale * bias_quantizer.weight.scale).numpy()
+        matches = [
+            (values, scale)
+            for values, scale in stored
+            if values.shape == simulated.shape and np.allclose(scale, step, rtol=1e-6)
+        ]
+        assert len(matches) == 1
+        values, scale = matches[0]
+        np.testing.assert_allclose(
+            values * scale.astype(np.float64), simulated.detach().numpy(), rtol=1e-6
+        )
+
+
 def test_file_is_a_fraction_of_float(digits: Exported) -> None:
     float_bytes = 4 * sum(p.numel() for p in digits.fp32.parameters())
     # digits-cnn has 42 k weights, so per-channel scales, int32 biases and the graph weigh in;

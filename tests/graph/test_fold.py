@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from qpp.graph.capture import capture
-from qpp.graph.fold import fold_batch_norms
+from qpp.graph.fold import fold_batch_norms, fold_bias_adds
 from qpp.graph.ops import OpKind, op_kind
 
 
@@ -69,3 +69,34 @@ def test_batch_norm_without_a_layer_before_it_stays() -> None:
     assert fold_batch_norms(graph_module) == []
     x = torch.randn(3, 3, 4, 4)
     torch.testing.assert_close(graph_module(x), model(x))
+
+
+class SeparateBiasAdds(nn.Module):
+    """Bias-less layers followed by per-channel constant adds (as Paddle exports SE blocks),
+    and one add that is not a bias (a full tensor)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1, bias=False)
+        self.register_buffer("conv_offset", torch.randn(8, 1, 1))
+        self.fc = nn.Linear(8, 5, bias=False)
+        self.register_buffer("fc_offset", torch.randn(5))
+        self.register_buffer("image_offset", torch.randn(8, 4, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x) + self.conv_offset
+        y = (y + self.image_offset).mean((2, 3))
+        return self.fc_offset + self.fc(y)
+
+
+def test_constant_per_channel_adds_fold_into_the_layer_bias() -> None:
+    torch.manual_seed(0)
+    model = SeparateBiasAdds().eval()
+    x = torch.randn(2, 3, 4, 4)
+    graph_module = capture(model, (x,))
+    assert len(fold_bias_adds(graph_module)) == 2
+    adds = [n for n in graph_module.graph.nodes if op_kind(n) is OpKind.ADD]
+    assert len(adds) == 1  # the full-tensor offset is no bias
+    layers = [n for n in graph_module.graph.nodes if op_kind(n) in (OpKind.CONV, OpKind.LINEAR)]
+    assert all(len(n.args) > 2 and n.args[2] is not None for n in layers)
+    torch.testing.assert_close(graph_module(x), model(x), rtol=1e-5, atol=1e-6)

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qpp.quant.affine import (
+    INT32_RANGE,
     MAX_BITS,
     MIN_BITS,
     MIN_SCALE,
@@ -14,9 +15,11 @@ from qpp.quant.affine import (
     choose_qparams,
     dequantize,
     fake_quantize,
+    fake_quantize_bias,
     grid_limits,
     integer_range,
     quantize,
+    quantize_bias,
 )
 
 EPS32 = float(torch.finfo(torch.float32).eps)
@@ -383,3 +386,37 @@ def test_integer_tensor_round_trips(grid: dict, per_channel: bool, seed: int) ->
     assert torch.equal(view.dequantize(), fake_quantize(x, scale, zero_point, bits, signed, axis))
     again = IntegerTensor.from_float(view.dequantize(), scale, zero_point, bits, signed, axis)
     assert torch.equal(again.values, view.values)
+
+
+# --- biases on the accumulator grid (eq. 11) ----------------------------------------------------
+
+
+def test_bias_lands_on_the_accumulator_grid_per_output_channel() -> None:
+    bias = random_tensor([6], -2.0, 2.0, seed=3)
+    activation_scale = torch.tensor(0.037)
+    weight_scale = random_tensor([6], 1e-3, 1e-2, seed=4)
+    integer = quantize_bias(bias, activation_scale, weight_scale)
+    step = activation_scale.double() * weight_scale.double()
+    assert integer.values.dtype == torch.int32
+    torch.testing.assert_close(integer.scale, step)
+    # Nearest grid point: within half a step of the float bias.
+    assert bool(((integer.dequantize() - bias.double()).abs() <= step / 2 + 1e-12).all())
+    # The simulation's fake-quantized bias is exactly the stored integers times the step.
+    simulated = fake_quantize_bias(bias, activation_scale, weight_scale)
+    assert torch.equal(simulated, (integer.values.double() * step).float())
+
+
+def test_bias_beyond_int32_saturates_and_per_tensor_weights_broadcast() -> None:
+    bias = torch.tensor([1e6, -1e6, 0.3])
+    scale = torch.tensor(1e-4)
+    integer = quantize_bias(bias, scale, scale)
+    assert integer.values.tolist()[:2] == [INT32_RANGE[1], INT32_RANGE[0]]
+    assert integer.values[2] == round(float(bias[2]) / float(scale) ** 2)
+    assert integer.scale.shape == (3,)
+
+
+def test_bias_rounding_passes_the_straight_through_gradient() -> None:
+    bias = torch.tensor([0.123, -0.456], requires_grad=True)
+    fake_quantize_bias(bias, torch.tensor(0.1), torch.tensor([0.01, 0.02])).sum().backward()
+    assert bias.grad is not None
+    torch.testing.assert_close(bias.grad, torch.ones(2))

@@ -36,6 +36,7 @@ configs = st.builds(
     activation_symmetric=st.booleans(),
     policy=st.sampled_from(POLICIES),
     fold_batch_norm=st.booleans(),
+    int32_bias=st.booleans(),
     calibration_samples=st.none() | st.integers(1, 10_000),
     overrides=st.dictionaries(
         st.sampled_from(["conv1.weight", "*.query.*", "fc", "layer?.*", "encoder.*"]),
@@ -209,3 +210,13 @@ def test_check_override_names_without_similar_names() -> None:
     config = QuantConfig(overrides={"*.query.*": LayerOverride(bits=4)})
     with pytest.raises(ConfigError, match=r"no quantizer is named '\*\.query\.\*'; list"):
         config.check_override_names(["conv.weight"])
+
+
+def test_int32_bias_is_the_default_and_configs_without_it_still_load() -> None:
+    assert QuantConfig().int32_bias is True
+    assert QuantConfig.from_json(QuantConfig(int32_bias=False).to_json()).int32_bias is False
+    saved_before_the_field = QuantConfig().to_dict()
+    del saved_before_the_field["int32_bias"]
+    assert QuantConfig.from_dict(saved_before_the_field) == QuantConfig()
+    with pytest.raises(ConfigError, match="int32_bias must be bool"):
+        QuantConfig.from_dict({"int32_bias": 1})

@@ -127,3 +127,28 @@ def test_integer_view_matches_fake_quantization(model: nn.Module, data: list) ->
     integer = conv.integer(weight)
     assert integer.values.dtype == torch.int32
     assert torch.equal(integer.dequantize(), conv(weight))
+
+
+def test_biases_are_simulated_on_the_int32_accumulator_grid(model: nn.Module, data: list) -> None:
+    """White paper §2.3 / eq. 11: an integer kernel adds the bias as int32 at scale s_x s_w."""
+    from qpp.graph.patterns import get_attr
+
+    quantized = quantize(model, data)
+    biases = quantized.bias_quantizers()
+    assert sorted(b.weight.name for b in biases) == ["conv.weight", "fc.weight"]
+    for bias_quantizer in biases:
+        bias = get_attr(quantized.graph_module, bias_quantizer.name)
+        on_grid = bias_quantizer(bias)
+        step = bias_quantizer.activation.scale.double() * bias_quantizer.weight.scale.double()
+        assert torch.equal(on_grid, (torch.round(bias.double() / step) * step).float())
+        assert bool(((on_grid.double() - bias.double()).abs() <= step / 2 + 1e-9).all())
+        assert not torch.equal(on_grid, bias)
+        # The grid follows the quantizers: with the input in float the bias stays float.
+        bias_quantizer.activation.enabled = False
+        assert torch.equal(bias_quantizer(bias), bias)
+        bias_quantizer.activation.enabled = True
+    x = data[0][0]
+    float_bias = quantize(model, data, QuantConfig(int32_bias=False))
+    assert float_bias.bias_quantizers() == []
+    difference = (quantized(x) - float_bias(x)).abs().max()
+    assert 0 < difference < 0.02 * float_bias(x).abs().max()
