@@ -51,7 +51,14 @@ def main(spec_path: str) -> None:
     model = entry.load_model().eval()
     dummy = tuple(calibration[0])
     started = time.perf_counter()
-    model = prepare_model(model)
+    # onnx2torch's op modules branch on tensor values in forward, which torch.fx cannot
+    # trace; they stay leaf modules (same model, same function), the rest is traced as usual.
+    leaves = sorted(
+        {type(m) for m in model.modules() if type(m).__module__.startswith("onnx2torch")},
+        key=lambda kind: kind.__name__,
+    )
+    model = prepare_model(model, module_classes_to_exclude=leaves)
+    register_output_quantized(leaves)
     fold_all_batch_norms(model, None, dummy_input=dummy)
     scheme = QuantScheme.post_training_tf_enhanced
     params = AdaroundParameters(
@@ -102,6 +109,26 @@ def main(spec_path: str) -> None:
             }
         )
     )
+
+
+def register_output_quantized(classes: list[type]) -> None:
+    """Tell AIMET's QuantSim how to quantize onnx2torch leaf modules: the output only, as AIMET
+    does for its own elementwise ops (qpp quantizes the same op outputs)."""
+    from aimet_torch.nn import QuantizationMixin
+
+    for kind in classes:
+
+        def forward(self, *args, _kind=kind, **kwargs):
+            output = _kind.forward(self, *args, **kwargs)
+            quantizer = self.output_quantizers[0]
+            return quantizer(output) if quantizer is not None else output
+
+        quantized = type(
+            f"Quantized{kind.__name__}",
+            (QuantizationMixin, kind),
+            {"__quant_init__": QuantizationMixin.__unary__, "forward": forward},
+        )
+        QuantizationMixin.implements(kind)(quantized)
 
 
 if __name__ == "__main__":
