@@ -24,6 +24,9 @@ import numpy as np
 import torch
 
 
+ONNX_MODULES = ("onnx2torch", "qpp.graph.onnx_import")
+
+
 def main(spec_path: str) -> None:
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
@@ -51,10 +54,11 @@ def main(spec_path: str) -> None:
     model = entry.load_model().eval()
     dummy = tuple(calibration[0])
     started = time.perf_counter()
-    # onnx2torch's op modules branch on tensor values in forward, which torch.fx cannot
-    # trace; they stay leaf modules (same model, same function), the rest is traced as usual.
+    # onnx2torch's op modules (and qpp's ONNX import fixes) branch on tensor values or assign
+    # into index lists in forward, which torch.fx cannot trace; they stay leaf modules (same
+    # model, same function), the rest is traced as usual.
     leaves = sorted(
-        {type(m) for m in model.modules() if type(m).__module__.startswith("onnx2torch")},
+        {type(m) for m in model.modules() if type(m).__module__.startswith(ONNX_MODULES)},
         key=lambda kind: kind.__name__,
     )
     model = prepare_model(model, module_classes_to_exclude=leaves)

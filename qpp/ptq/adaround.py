@@ -51,7 +51,7 @@ from safetensors.torch import load_file, save_file
 from qpp.api import limit_samples
 from qpp.errors import ConfigError
 from qpp.graph.patterns import WeightLayer, activation_after, get_attr, weight_layers
-from qpp.ptq.activations import Batch, Recorder
+from qpp.ptq.activations import Batch, Recorder, data_positions
 from qpp.ptq.adaround_solver import (
     GAMMA,
     ZETA,
@@ -357,19 +357,29 @@ def _sample_rows(
     rows_per_batch: int,
     seed: int,
 ) -> torch.Tensor:
-    """Rows of ``layer``'s input over ``batches``, the same positions on every call."""
+    """Rows of ``layer``'s input over ``batches``, the same positions on every call. A linear
+    layer's rows come only from real token positions (``data_positions``): padding tokens
+    are not samples of the data, and the model's output ignores them."""
     kernel = tuple(get_attr(qmodel.graph_module, layer.weight).shape[2:])
     chosen: list[torch.Tensor] = []
     generator = torch.Generator().manual_seed(seed)
+    positions: torch.Tensor | None = None
 
     def watch(_node: object, args: tuple[object, ...], _output: object) -> None:
         x = args[0]
         assert isinstance(x, torch.Tensor)
-        rows = layer_rows(layer, x.detach(), kernel)
+        x = x.detach()
+        if not layer.is_conv and positions is not None and x.shape[:-1] == positions.shape:
+            rows = x[positions]
+        else:
+            rows = layer_rows(layer, x, kernel)
         index = torch.randperm(rows.shape[0], generator=generator)[:rows_per_batch]
         chosen.append(rows[index].clone())
 
-    Recorder(qmodel.graph_module, {layer.name: watch}).run_batches(batches)
+    recorder = Recorder(qmodel.graph_module, {layer.name: watch})
+    for batch in batches:
+        positions = data_positions(batch)
+        recorder.run_batches([batch])
     return torch.cat(chosen)
 
 
