@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
 ONNX_MODULES = ("onnx2torch", "qpp.graph.onnx_import")
 
 
