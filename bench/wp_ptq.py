@@ -290,7 +290,7 @@ def bench_model(name: str, args: argparse.Namespace, root: Path) -> tuple[str, l
         for label, config, step in qpp_variants(
             weight_bits, activation_bits, args.iterations, args.samples
         ):
-            if any(label.startswith(prefix) for prefix in skipped):
+            if any(f"{key}:{label}".startswith(p) or label.startswith(p) for p in skipped):
                 continue
             log(f"{name} {key}: {label}")
             started = time.perf_counter()
@@ -431,8 +431,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument(
         "--skip",
         default="",
-        help="comma-separated method labels (prefixes) to leave out, e.g. 'MSE + AdaRound' "
-        "where the recipe is the same steps (models without depthwise convs)",
+        help="comma-separated method labels (prefixes) to leave out, optionally for one bit "
+        "setting ('W8A8:wp-ptq'); e.g. 'MSE + AdaRound' where the recipe is the same steps "
+        "(models without depthwise convs)",
     )
     parser.add_argument("--quick", action="store_true", help="small data; does not write docs")
     parser.add_argument("--no-docs", action="store_true")
