@@ -92,12 +92,22 @@ class AdaRoundConfig:
     threads: int | None = 1
     #: Folder for per-layer results; a rerun with the same folder resumes.
     state_dir: str | None = None
+    #: The layer input ``W̃`` sees: ``quantized`` = ``x̂`` from the model whose earlier layers
+    #: are already quantized (eq. 25, AdaRound's eq. 35), which also corrects their errors;
+    #: ``float`` = the float model's ``x`` (AdaRound's eq. 32), which only fits the rounding.
+    #: With few samples per weight (MiniLM: 64 sentences, ~1.5k tokens) ``quantized`` fits
+    #: the calibration sentences' upstream errors and generalizes worse (docs/benchmarks.md).
+    inputs: str = "quantized"
 
     def __post_init__(self) -> None:
         if self.iterations < 1:
             raise ConfigError(f"AdaRound iterations must be at least 1, got {self.iterations}")
         if not 0 <= self.warm_start < 1:
             raise ConfigError(f"AdaRound warm_start must be in [0, 1), got {self.warm_start}")
+        if self.inputs not in ("quantized", "float"):
+            raise ConfigError(
+                f"AdaRound inputs must be 'quantized' or 'float', got {self.inputs!r}"
+            )
         if self.batch_rows < 1 or self.rows < self.batch_rows:
             raise ConfigError(
                 "AdaRound needs 1 <= batch_rows <= rows; raise rows or lower batch_rows"
@@ -392,9 +402,12 @@ def _layer_data(
     config: AdaRoundConfig,
 ) -> LayerData:
     per_batch = max(1, -(-config.rows // len(batches)))
-    inputs = _sample_rows(qmodel, layer, batches, per_batch, config.seed)
+    inputs = None
+    if config.inputs == "quantized":
+        inputs = _sample_rows(qmodel, layer, batches, per_batch, config.seed)
     with _float_weights(qmodel, originals):
         float_inputs = _sample_rows(qmodel, layer, batches, per_batch, config.seed)
+        inputs = float_inputs if inputs is None else inputs
         weight = get_attr(qmodel.graph_module, layer.weight).detach()
         bias = get_attr(qmodel.graph_module, layer.bias).detach() if layer.bias else None
         targets = rows_output(float_inputs, weight, layer.groups)

@@ -114,6 +114,8 @@ def test_calibration_keeps_adarounded_weight_encodings(depthwise_net, images) ->
 def test_bad_settings_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="iterations"):
         AdaRoundConfig(iterations=0)
+    with pytest.raises(ConfigError, match="inputs"):
+        AdaRoundConfig(inputs="fp32")
     with pytest.raises(ConfigError, match="batch_rows"):
         AdaRoundConfig(rows=10, batch_rows=20)
 
