@@ -147,3 +147,12 @@ def test_linear_rows_come_from_real_tokens_only() -> None:
     rows = _sample_rows(qmodel, layer, [batch], rows_per_batch=100, seed=0)
     assert rows.shape == (int(mask.sum()), 8)
     assert bool((rows != 100.0).all())
+
+
+def test_float_inputs_fit_the_rounding_alone(depthwise_net, images) -> None:
+    """eq. 32 form: inputs from the float model; every layer still beats nearest rounding."""
+    qmodel = _weights_only(depthwise_net, images[0])
+    report = adaround(qmodel, images, AdaRoundConfig(**{**FAST.settings(), "inputs": "float"}))
+    results = list(report.layers.values())
+    assert len(results) == 6
+    assert sum(r.mse_adaround < 0.9 * r.mse_nearest for r in results) >= 4, results
