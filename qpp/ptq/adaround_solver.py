@@ -72,6 +72,8 @@ def grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, groups: int) -> tor
     if groups == 1:
         return rows @ weight.T
     per_group = rows.reshape(rows.shape[0], groups, -1)
+    if weight.shape[0] == groups:  # depthwise: a multiply-sum is ~3x faster than einsum's bmm
+        return (per_group * weight).sum(-1)
     grouped = weight.reshape(groups, weight.shape[0] // groups, -1)
     return torch.einsum("rgi,goi->rgo", per_group, grouped).reshape(rows.shape[0], -1)
 
@@ -83,6 +85,8 @@ def grouped_weight_gradient(
     if groups == 1:
         return residual.T @ rows
     per_group = rows.reshape(rows.shape[0], groups, -1)
+    if out_features == groups:  # depthwise
+        return (residual.unsqueeze(-1) * per_group).sum(0)
     outputs = residual.reshape(rows.shape[0], groups, -1)
     return torch.einsum("rgo,rgi->goi", outputs, per_group).reshape(out_features, -1)
 

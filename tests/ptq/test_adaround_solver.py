@@ -45,7 +45,8 @@ def _autograd_gradient(problem, inputs, targets, beta, regularization):
 
 
 @pytest.mark.parametrize(
-    ("relu", "groups", "bias"), [(True, 1, True), (False, 1, False), (True, 2, True)]
+    ("relu", "groups", "bias"),
+    [(True, 1, True), (False, 1, False), (True, 2, True), (False, 8, True)],
 )
 def test_one_step_equals_an_autograd_adam_step(relu: bool, groups: int, bias: bool) -> None:
     problem = _problem(relu, groups, bias)
