@@ -18,6 +18,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -449,7 +450,7 @@ def main(argv: list[str]) -> None:
 
     threads = int(os.environ.get("BENCH_THREADS", "1"))
     torch.set_num_threads(threads)
-    command = "BENCH_THREADS=1 .venv/bin/python bench/wp_ptq.py " + " ".join(argv)
+    command = "BENCH_THREADS=1 .venv/bin/python bench/wp_ptq.py " + shlex.join(argv)
     with tempfile.TemporaryDirectory(prefix="wp_ptq.") as temporary:
         for name in args.models.split(","):
             started = time.perf_counter()
