@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+ONNX_MODULES = ("onnx2torch", "qpp.graph.onnx_import")
+
 
 def main(spec_path: str) -> None:
     warnings.filterwarnings("ignore")
@@ -51,7 +53,15 @@ def main(spec_path: str) -> None:
     model = entry.load_model().eval()
     dummy = tuple(calibration[0])
     started = time.perf_counter()
-    model = prepare_model(model)
+    # onnx2torch's op modules (and qpp's ONNX import fixes) branch on tensor values or assign
+    # into index lists in forward, which torch.fx cannot trace; they stay leaf modules (same
+    # model, same function), the rest is traced as usual.
+    leaves = sorted(
+        {type(m) for m in model.modules() if type(m).__module__.startswith(ONNX_MODULES)},
+        key=lambda kind: kind.__name__,
+    )
+    model = prepare_model(model, module_classes_to_exclude=leaves)
+    register_output_quantized(leaves)
     fold_all_batch_norms(model, None, dummy_input=dummy)
     scheme = QuantScheme.post_training_tf_enhanced
     params = AdaroundParameters(
@@ -102,6 +112,26 @@ def main(spec_path: str) -> None:
             }
         )
     )
+
+
+def register_output_quantized(classes: list[type]) -> None:
+    """Tell AIMET's QuantSim how to quantize onnx2torch leaf modules: the output only, as AIMET
+    does for its own elementwise ops (qpp quantizes the same op outputs)."""
+    from aimet_torch.nn import QuantizationMixin
+
+    for kind in classes:
+
+        def forward(self, *args, _kind=kind, **kwargs):
+            output = _kind.forward(self, *args, **kwargs)
+            quantizer = self.output_quantizers[0]
+            return quantizer(output) if quantizer is not None else output
+
+        quantized = type(
+            f"Quantized{kind.__name__}",
+            (QuantizationMixin, kind),
+            {"__quant_init__": QuantizationMixin.__unary__, "forward": forward},
+        )
+        QuantizationMixin.implements(kind)(quantized)
 
 
 if __name__ == "__main__":

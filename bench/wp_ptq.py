@@ -18,6 +18,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -286,9 +287,12 @@ def bench_model(name: str, args: argparse.Namespace, root: Path) -> tuple[str, l
     for weight_bits, activation_bits in ((8, 8), (4, 8)):
         key = f"W{weight_bits}A{activation_bits}"
         rows[key] = []
+        skipped = [prefix.strip() for prefix in args.skip.split(",") if prefix.strip()]
         for label, config, step in qpp_variants(
             weight_bits, activation_bits, args.iterations, args.samples
         ):
+            if any(f"{key}:{label}".startswith(p) or label.startswith(p) for p in skipped):
+                continue
             log(f"{name} {key}: {label}")
             started = time.perf_counter()
             with PeakMemory() as memory:
@@ -396,6 +400,26 @@ def write_docs(section: str) -> None:
     write_section(section, START_MARK, END_MARK, DOCS)
 
 
+def model_marks(name: str) -> tuple[str, str]:
+    return f"<!-- wp_ptq:{name}:start -->", f"<!-- wp_ptq:{name}:end -->"
+
+
+def write_model_docs(name: str, section: str) -> None:
+    """Each model's table is its own section (models are run one at a time, with their own
+    budgets); a new one goes after the last ``wp_ptq`` section, in ``MODELS`` order."""
+    start, end = model_marks(name)
+    text = DOCS.read_text()
+    if start not in text:
+        earlier = [model_marks(m)[1] for m in MODELS[: MODELS.index(name)]]
+        anchor = max(
+            (text.index(mark) + len(mark) for mark in [END_MARK, *earlier] if mark in text),
+            default=len(text),
+        )
+        text = text[:anchor] + f"\n\n{start}\n{end}" + text[anchor:]
+        DOCS.write_text(text)
+    write_section(section, start, end, DOCS)
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS))
@@ -404,6 +428,13 @@ def main(argv: list[str]) -> None:
     )
     parser.add_argument(
         "--samples", type=int, default=32, help="AdaRound calibration samples (both tools)"
+    )
+    parser.add_argument(
+        "--skip",
+        default="",
+        help="comma-separated method labels (prefixes) to leave out, optionally for one bit "
+        "setting ('W8A8:wp-ptq'); e.g. 'MSE + AdaRound' where the recipe is the same steps "
+        "(models without depthwise convs)",
     )
     parser.add_argument("--quick", action="store_true", help="small data; does not write docs")
     parser.add_argument("--no-docs", action="store_true")
@@ -419,36 +450,43 @@ def main(argv: list[str]) -> None:
 
     threads = int(os.environ.get("BENCH_THREADS", "1"))
     torch.set_num_threads(threads)
-    sections = []
+    command = "BENCH_THREADS=1 .venv/bin/python bench/wp_ptq.py " + shlex.join(argv)
     with tempfile.TemporaryDirectory(prefix="wp_ptq.") as temporary:
         for name in args.models.split(","):
+            started = time.perf_counter()
             primary, _, info = bench_model(name, args, Path(temporary))
             text = table(name, primary, info["groups"], entry_class(name).higher_is_better)
-            print(text + "\n", flush=True)
-            sections.append(text)
-    command = "BENCH_THREADS=1 .venv/bin/python bench/wp_ptq.py " + " ".join(argv)
-    section = f"""{START_MARK}
+            start, end = model_marks(name)
+            section = f"""{start}
+{text}
+
+Measured {datetime.date.today().isoformat()}, torch {torch.__version__}, {threads} torch
+thread(s), Python {platform.python_version()}, load average {os.getloadavg()[0]:.1f} at the
+end; {args.iterations} AdaRound iterations per layer and {args.samples} AdaRound calibration
+samples for qpp and AIMET alike; this model took {(time.perf_counter() - started) / 60:.1f} min.
+Command: `{command}`.
+{end}"""
+            print(section + "\n", flush=True)
+            if not args.quick and not args.no_docs:
+                write_model_docs(name, section)
+    header = f"""{START_MARK}
 ## White-paper PTQ pipeline vs ORT and AIMET (`bench/wp_ptq.py`)
 
-Measured {datetime.date.today().isoformat()} on this machine ({os.cpu_count()} cores shared with
-other jobs, load average {os.getloadavg()[0]:.1f} at the end; torch {torch.__version__},
-{threads} torch thread(s), Python {platform.python_version()}). Command: `{command}`; the whole
-run took {(time.perf_counter() - STARTED) / 60:.1f} min.
-
-Every method sees the same calibration samples (AdaRound: the first {args.samples}, both tools)
-and evaluation samples; metrics compare against the FP32 torch model's outputs. qpp weights:
-symmetric per-channel; activations: asymmetric per-tensor; "RTN" = round to nearest. AdaRound:
-{args.iterations} iterations per layer for qpp and AIMET alike (AIMET's default is 10k; budgeted
-for 2 cores). "gap closed" = (method - RTN-MSE) / (FP32 - RTN-MSE) on the primary metric.
-"time s" = prepare + algorithm + calibration (AIMET: BN fold + AdaRound + QuantSim encodings);
-"peak MB" = RSS growth during that step (qpp, sampled) or the child's peak RSS (ORT, AIMET).
-AIMET: `aimet-torch` 2.42.0 beside torch 2.14.1 in `/work/venvs/aimet`, per-channel config,
-`post_training_tf_enhanced` ranges.
-
-{chr(10).join(sections)}
+One table per model below, each with its own date, command and budget (models are run one at
+a time on a shared 2-core machine). Every method sees the same calibration samples (AdaRound:
+the first `--samples`, both tools) and evaluation samples; metrics compare against the FP32
+torch model's outputs. qpp weights: symmetric per-channel; activations: asymmetric per-tensor;
+"RTN" = round to nearest. AdaRound: `--iterations` per layer for qpp and AIMET alike (AIMET's
+default is 10k; budgeted for 2 cores). "gap closed" = (method - RTN-MSE) / (FP32 - RTN-MSE) on
+the primary metric. "time s" = prepare + algorithm + calibration (AIMET: BN fold + AdaRound +
+QuantSim encodings); "peak MB" = RSS growth during that step (qpp, sampled) or the child's peak
+RSS (ORT, AIMET). AIMET: `aimet-torch` 2.42.0 beside torch 2.14.1 in `/work/venvs/aimet`,
+per-channel config, `post_training_tf_enhanced` ranges; on the ONNX-imported models its
+`prepare_model` keeps onnx2torch's op modules as leaves (they do not trace) and quantizes their
+outputs.
 {END_MARK}"""
     if not args.quick and not args.no_docs:
-        write_docs(section)
+        write_docs(header)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,21 @@ class Recorder(torch.fx.Interpreter):
                     self.run(*batch)
 
 
+def data_positions(batch: Batch) -> torch.Tensor | None:
+    """Which token positions of ``batch`` hold data (bool ``[batch, sequence]``), or ``None``
+    for all. For an ``(input_ids, attention_mask, ...)`` batch of integer tensors, qpp's
+    convention for transformers (``graph/hf_import.py``), it is the attention mask: padding
+    positions are not samples of the data and the model's output ignores them."""
+    if len(batch) < 2:
+        return None
+    ids, mask = batch[0], batch[1]
+    if ids.ndim != 2 or mask.shape != ids.shape:
+        return None
+    if ids.is_floating_point() or mask.is_floating_point():
+        return None
+    return mask.bool()
+
+
 def channel_axis(value: torch.Tensor, is_conv: bool) -> int:
     """Channels are dim 1 of a conv's output and the last dim of a linear's."""
     return 1 if is_conv else value.ndim - 1

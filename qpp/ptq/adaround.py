@@ -25,7 +25,10 @@ quantizer reproduces it exactly (as AIMET applies it).
 Memory stays bounded: for one layer at a time, the inputs of at most ``samples`` calibration
 samples are taken, and at most ``rows`` rows (linear: tokens/positions; conv: receptive-field
 patches, via ``unfold``) are kept; each iteration uses a random mini-batch of ``batch_rows``
-of them, with every output channel and weight optimised at once (vectorised in torch). With a
+of them (all of them when they fit), with every output channel and weight optimised at once.
+The gradient is written out by hand (``adaround_solver``): for a layer without a folded
+activation the loss is quadratic in the weight and its exact gradient over all rows comes from
+the rows' Gram matrix, one small matmul per iteration. With a
 ``state_dir`` every finished layer is saved (safetensors + JSON), and a rerun with the same
 folder skips the finished layers.
 """
@@ -36,7 +39,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,15 +51,22 @@ from safetensors.torch import load_file, save_file
 from qpp.api import limit_samples
 from qpp.errors import ConfigError
 from qpp.graph.patterns import WeightLayer, activation_after, get_attr, weight_layers
-from qpp.ptq.activations import Batch, Recorder
+from qpp.ptq.activations import Batch, Recorder, data_positions
+from qpp.ptq.adaround_solver import (
+    GAMMA,
+    ZETA,
+    RoundingProblem,
+    gram_gradient,
+    grouped_matmul,
+    rows_gradient,
+    solve,
+    use_gram,
+)
 from qpp.ptq.bias_correction import weight_quantizers_by_target
 from qpp.quant.affine import dequantize
 from qpp.report.progress import progress
 from qpp.sim.model import QuantizedModel
 from qpp.sim.quantizer import Quantizer
-
-#: The rectified sigmoid's stretch (white paper eq. 23).
-ZETA, GAMMA = 1.1, -0.1
 
 
 @dataclass(frozen=True)
@@ -82,12 +92,22 @@ class AdaRoundConfig:
     threads: int | None = 1
     #: Folder for per-layer results; a rerun with the same folder resumes.
     state_dir: str | None = None
+    #: The layer input ``W̃`` sees: ``quantized`` = ``x̂`` from the model whose earlier layers
+    #: are already quantized (eq. 25, AdaRound's eq. 35), which also corrects their errors;
+    #: ``float`` = the float model's ``x`` (AdaRound's eq. 32), which only fits the rounding.
+    #: With few samples per weight (MiniLM: 64 sentences, ~1.5k tokens) ``quantized`` fits
+    #: the calibration sentences' upstream errors and generalizes worse (docs/benchmarks.md).
+    inputs: str = "quantized"
 
     def __post_init__(self) -> None:
         if self.iterations < 1:
             raise ConfigError(f"AdaRound iterations must be at least 1, got {self.iterations}")
         if not 0 <= self.warm_start < 1:
             raise ConfigError(f"AdaRound warm_start must be in [0, 1), got {self.warm_start}")
+        if self.inputs not in ("quantized", "float"):
+            raise ConfigError(
+                f"AdaRound inputs must be 'quantized' or 'float', got {self.inputs!r}"
+            )
         if self.batch_rows < 1 or self.rows < self.batch_rows:
             raise ConfigError(
                 "AdaRound needs 1 <= batch_rows <= rows; raise rows or lower batch_rows"
@@ -211,12 +231,7 @@ def _per_dim(values: tuple[int, ...], dims: int) -> tuple[int, ...]:
 
 def rows_output(rows: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
     """``rows @ W^T`` per group (a grouped conv is a block-diagonal matmul)."""
-    flat = weight.reshape(weight.shape[0], -1)
-    if groups == 1:
-        return rows @ flat.T
-    grouped = flat.reshape(groups, weight.shape[0] // groups, -1)
-    per_group = rows.reshape(rows.shape[0], groups, -1)
-    return torch.einsum("rgi,goi->rgo", per_group, grouped).reshape(rows.shape[0], -1)
+    return grouped_matmul(rows, weight.reshape(weight.shape[0], -1), groups)
 
 
 # --- one layer --------------------------------------------------------------------------------
@@ -243,19 +258,28 @@ def optimize_rounding(
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(config.seed)
     weight = weight.detach()
-    floor = torch.floor(weight / grid.scale)
-    logits = initial_logits(weight / grid.scale - floor).requires_grad_(True)
-    optimizer = torch.optim.Adam([logits], lr=config.step_size)
     bias = bias.detach() if bias is not None else None
+    floor = torch.floor(weight / grid.scale)
+    problem = _problem(weight, bias, grid, floor, groups, relu)
+    if use_gram(problem, config.batch_rows):
+        gradient = gram_gradient(problem, data.inputs, data.targets)
+    else:
+        gradient = rows_gradient(problem, data.inputs, data.targets, config.batch_rows, generator)
+    with _threads(config.threads), torch.no_grad():
+        solve(
+            problem,
+            gradient,
+            config.iterations,
+            config.step_size,
+            config.regularization,
+            lambda iteration: beta_schedule(iteration, config),
+        )
+    logits = problem.logits.reshape(weight.shape)
 
     def output(w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         y = rows_output(rows, w, groups)
         y = y + bias if bias is not None else y
         return torch.relu(y) if relu else y
-
-    count = data.inputs.shape[0]
-    with _threads(config.threads):
-        _optimize(logits, optimizer, floor, grid, data, output, generator, count, config)
 
     with torch.no_grad():
         rounded = grid.hard(floor + (rectified_sigmoid(logits) >= 0.5).float())
@@ -272,6 +296,32 @@ def optimize_rounding(
     return rounded, result
 
 
+def _problem(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    grid: WeightGrid,
+    floor: torch.Tensor,
+    groups: int,
+    relu: bool,
+) -> RoundingProblem:
+    """``W̃ = base + step ⊙ h`` (eq. 22): ``step = s`` where ``⌊W/s⌋ + z + h`` stays in
+    ``[n, p]`` for every ``h`` in [0, 1], else 0 (the clamp makes those weights constant)."""
+    integer = floor + grid.zero_point
+    free = (integer >= grid.qmin) & (integer + 1 <= grid.qmax)
+    base = grid.soft(floor, torch.zeros_like(weight))
+    step = torch.where(free, grid.scale, torch.zeros_like(weight))
+    logits = initial_logits(weight / grid.scale - floor)
+    out_features = weight.shape[0]
+    return RoundingProblem(
+        base.reshape(out_features, -1).contiguous(),
+        step.reshape(out_features, -1).contiguous(),
+        logits.reshape(out_features, -1).contiguous(),
+        bias,
+        groups,
+        relu,
+    )
+
+
 @contextmanager
 def _threads(count: int | None) -> Iterator[None]:
     previous = torch.get_num_threads()
@@ -281,31 +331,6 @@ def _threads(count: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def _optimize(
-    logits: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    floor: torch.Tensor,
-    grid: WeightGrid,
-    data: LayerData,
-    output: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    generator: torch.Generator,
-    count: int,
-    config: AdaRoundConfig,
-) -> None:
-    """Adam on ``V`` for ``config.iterations`` mini-batches of rows (eq. 25)."""
-    for iteration in range(config.iterations):
-        index = torch.randint(count, (min(config.batch_rows, count),), generator=generator)
-        h = rectified_sigmoid(logits)
-        soft = output(grid.soft(floor, h), data.inputs[index])
-        loss = (soft - data.targets[index]).pow(2).sum(1).mean()
-        beta = beta_schedule(iteration, config)
-        if beta is not None:
-            loss = loss + config.regularization * rounding_regularizer(h, beta)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
 
 
 def _mse(output: torch.Tensor, target: torch.Tensor) -> float:
@@ -342,19 +367,29 @@ def _sample_rows(
     rows_per_batch: int,
     seed: int,
 ) -> torch.Tensor:
-    """Rows of ``layer``'s input over ``batches``, the same positions on every call."""
+    """Rows of ``layer``'s input over ``batches``, the same positions on every call. A linear
+    layer's rows come only from real token positions (``data_positions``): padding tokens
+    are not samples of the data, and the model's output ignores them."""
     kernel = tuple(get_attr(qmodel.graph_module, layer.weight).shape[2:])
     chosen: list[torch.Tensor] = []
     generator = torch.Generator().manual_seed(seed)
+    positions: torch.Tensor | None = None
 
     def watch(_node: object, args: tuple[object, ...], _output: object) -> None:
         x = args[0]
         assert isinstance(x, torch.Tensor)
-        rows = layer_rows(layer, x.detach(), kernel)
+        x = x.detach()
+        if not layer.is_conv and positions is not None and x.shape[:-1] == positions.shape:
+            rows = x[positions]
+        else:
+            rows = layer_rows(layer, x, kernel)
         index = torch.randperm(rows.shape[0], generator=generator)[:rows_per_batch]
         chosen.append(rows[index].clone())
 
-    Recorder(qmodel.graph_module, {layer.name: watch}).run_batches(batches)
+    recorder = Recorder(qmodel.graph_module, {layer.name: watch})
+    for batch in batches:
+        positions = data_positions(batch)
+        recorder.run_batches([batch])
     return torch.cat(chosen)
 
 
@@ -367,9 +402,12 @@ def _layer_data(
     config: AdaRoundConfig,
 ) -> LayerData:
     per_batch = max(1, -(-config.rows // len(batches)))
-    inputs = _sample_rows(qmodel, layer, batches, per_batch, config.seed)
+    inputs = None
+    if config.inputs == "quantized":
+        inputs = _sample_rows(qmodel, layer, batches, per_batch, config.seed)
     with _float_weights(qmodel, originals):
         float_inputs = _sample_rows(qmodel, layer, batches, per_batch, config.seed)
+        inputs = float_inputs if inputs is None else inputs
         weight = get_attr(qmodel.graph_module, layer.weight).detach()
         bias = get_attr(qmodel.graph_module, layer.bias).detach() if layer.bias else None
         targets = rows_output(float_inputs, weight, layer.groups)

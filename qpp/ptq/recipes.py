@@ -20,7 +20,7 @@ from typing import Any
 from qpp.api import calibrate
 from qpp.errors import ConfigError
 from qpp.graph.patterns import get_attr, weight_layers
-from qpp.ptq.activations import Batch
+from qpp.ptq.activations import Batch, data_positions
 from qpp.ptq.adaround import AdaRoundConfig, adaround
 from qpp.ptq.bias_correction import BiasCorrectionConfig, bias_correction
 from qpp.ptq.cle import CLEConfig, cross_layer_equalization
@@ -38,6 +38,10 @@ class WhitePaperRecipe:
     #: Calibration samples AdaRound caches layer inputs from (bounded memory and time).
     adaround_samples: int | None = 64
     bias_correction: bool = True
+    #: AdaRound's layer inputs (``AdaRoundConfig.inputs``); ``None``: ``float`` for token
+    #: (``input_ids, attention_mask``) data, ``quantized`` otherwise. On MiniLM with 64-243
+    #: calibration sentences the quantized-input form overfits them (see docs/ptq.md).
+    adaround_inputs: str | None = None
 
 
 @dataclass
@@ -81,8 +85,11 @@ def white_paper_ptq(
     step("weight_ranges", started, None)
     if config.adaround_iterations > 0 and data:
         started = time.perf_counter()
+        inputs = config.adaround_inputs
+        if inputs is None:
+            inputs = "float" if data_positions(data[0]) is not None else "quantized"
         settings = AdaRoundConfig(
-            iterations=config.adaround_iterations, samples=config.adaround_samples
+            iterations=config.adaround_iterations, samples=config.adaround_samples, inputs=inputs
         )
         step("adaround", started, adaround(qmodel, data, settings, show_progress))
     elif config.bias_correction:

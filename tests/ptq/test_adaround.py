@@ -7,8 +7,11 @@ import torch
 
 import qpp
 from qpp.errors import ConfigError
+from qpp.graph.patterns import weight_layers
+from qpp.ptq.activations import data_positions
 from qpp.ptq.adaround import (
     AdaRoundConfig,
+    _sample_rows,
     adaround,
     beta_schedule,
     initial_logits,
@@ -111,5 +114,45 @@ def test_calibration_keeps_adarounded_weight_encodings(depthwise_net, images) ->
 def test_bad_settings_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="iterations"):
         AdaRoundConfig(iterations=0)
+    with pytest.raises(ConfigError, match="inputs"):
+        AdaRoundConfig(inputs="fp32")
     with pytest.raises(ConfigError, match="batch_rows"):
         AdaRoundConfig(rows=10, batch_rows=20)
+
+
+class _TokenModel(torch.nn.Module):
+    """``(input_ids, attention_mask) -> hidden``, like qpp's Hugging Face wrapper."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 8)
+        self.linear = torch.nn.Linear(8, 4)
+        with torch.no_grad():
+            self.embed.weight[0] = 100.0  # the padding token: easy to spot in the rows
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.embed(input_ids)) * attention_mask.unsqueeze(-1)
+
+
+def test_linear_rows_come_from_real_tokens_only() -> None:
+    ids = torch.randint(1, 10, (3, 6))
+    mask = torch.ones(3, 6, dtype=torch.int64)
+    ids[0, 4:], mask[0, 4:] = 0, 0
+    ids[2, 1:], mask[2, 1:] = 0, 0
+    batch = (ids, mask)
+    assert torch.equal(data_positions(batch), mask.bool())
+    assert data_positions((torch.randn(3, 6), torch.randn(3, 6))) is None
+    qmodel = qpp.prepare(_TokenModel(), batch, W4)
+    layer = next(iter(weight_layers(qmodel.graph_module)))
+    rows = _sample_rows(qmodel, layer, [batch], rows_per_batch=100, seed=0)
+    assert rows.shape == (int(mask.sum()), 8)
+    assert bool((rows != 100.0).all())
+
+
+def test_float_inputs_fit_the_rounding_alone(depthwise_net, images) -> None:
+    """eq. 32 form: inputs from the float model; every layer still beats nearest rounding."""
+    qmodel = _weights_only(depthwise_net, images[0])
+    report = adaround(qmodel, images, AdaRoundConfig(**{**FAST.settings(), "inputs": "float"}))
+    results = list(report.layers.values())
+    assert len(results) == 6
+    assert sum(r.mse_adaround < 0.9 * r.mse_nearest for r in results) >= 4, results
