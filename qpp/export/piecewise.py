@@ -64,15 +64,16 @@ def weight_branches(quantizer: PiecewiseQuantizer, weight: torch.Tensor) -> list
     Each offset term (``±1`` on scale ``p_l``) joins the first term when ``p_l`` is a whole
     number of its steps or half-steps (the centre of the code's form: ``p = 7.5`` steps at
     4 bits), which then keeps twice its integers on half its step. Returns ``[]`` when a term's
-    integers exceed ``EXACT_BRANCH_LIMIT``.
+    integers exceed ``EXACT_BRANCH_LIMIT``. Scales are per channel along ``branch_axis`` (a
+    per-tensor quantizer's repeated).
     """
-    assert quantizer.axis is not None
+    axis = branch_axis(quantizer, weight)
     terms = [
         (branch.values.to(torch.int64), branch.scale.double())
         for branch in quantizer.branches(weight)
     ]
     channels = [1] * weight.ndim
-    channels[quantizer.axis % weight.ndim] = -1
+    channels[axis] = -1
     first_values, first_scale = terms[0]
     rest = []
     for values, scale in terms[1:]:
@@ -93,7 +94,16 @@ def weight_branches(quantizer: PiecewiseQuantizer, weight: torch.Tensor) -> list
     branches = [(first_values, first_scale), *rest]
     if any(int(values.abs().max()) > EXACT_BRANCH_LIMIT for values, _ in branches):
         return []
-    return [WeightBranch(values.to(torch.int8), scale.float()) for values, scale in branches]
+    count = weight.shape[axis]
+    return [
+        WeightBranch(values.to(torch.int8), scale.float().reshape(-1).expand(count).contiguous())
+        for values, scale in branches
+    ]
+
+
+def branch_axis(quantizer: PiecewiseQuantizer, weight: torch.Tensor) -> int:
+    """The axis of the branches' scales: the quantizer's channel axis, or 0 if per tensor."""
+    return 0 if quantizer.axis is None else quantizer.axis % weight.ndim
 
 
 def _buffer(graph_module: GraphModule, stem: str, tensor: torch.Tensor) -> Node:
@@ -138,7 +148,7 @@ def lower_piecewise_weight(
     import torch.ao.quantization.fx._decomposed  # registers torch.ops.quantized_decomposed
 
     ops = torch.ops.quantized_decomposed
-    axis = quantizer.axis % weight.ndim
+    axis = branch_axis(quantizer, weight)
     for consumer in consumers:
         bias = consumer.args[2] if len(consumer.args) > 2 else consumer.kwargs.get("bias")
         conv = op_kind(consumer) is OpKind.CONV

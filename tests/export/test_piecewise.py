@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -63,10 +64,16 @@ def small() -> tuple[torch.nn.Module, list[tuple[torch.Tensor]], list[tuple[torc
     return fp32, calibration, evaluation
 
 
-@pytest.mark.parametrize("bias_correction", [False, True])
-def test_branches_sum_to_the_simulated_weight(small, bias_correction: bool) -> None:
+@pytest.mark.parametrize(
+    ("bias_correction", "granularity"),
+    [(False, "per-channel"), (True, "per-channel"), (False, "per-tensor")],
+)
+def test_branches_sum_to_the_simulated_weight(
+    small, bias_correction: bool, granularity: str
+) -> None:
     fp32, calibration, _ = small
-    model = qpp.quantize(fp32, calibration, _pwlq(bias_correction))
+    config = dataclasses.replace(_pwlq(bias_correction), weight_granularity=granularity)
+    model = qpp.quantize(fp32, calibration, config)
     for quantizer, weight in model.weight_quantizers():
         assert isinstance(quantizer, PiecewiseQuantizer)
         branches = weight_branches(quantizer, weight)
