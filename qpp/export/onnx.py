@@ -37,6 +37,7 @@ from torch.fx import GraphModule, Node
 from qpp.errors import ConfigError, OutputExistsError, UnsupportedOpError
 from qpp.export.isa import CpuIsa, WeightFormat, detect_isa
 from qpp.export.piecewise import (
+    check_piecewise_export,
     integer_branch_convs,
     lower_piecewise_weight,
     piecewise_note,
@@ -172,6 +173,7 @@ def lower_quantizers(
 
 def _lower(model: QuantizedModel, weight_format: WeightFormat, piecewise: str) -> _Lowered:
     check_exportable(model)
+    check_piecewise_export(piecewise)
     graph_module = copy.deepcopy(model.graph_module)
     lowered = _Lowered(graph_module, {})
     graph = graph_module.graph

@@ -44,6 +44,7 @@ MERGE_TOLERANCE = 1e-4
 
 
 def check_piecewise_export(form: str) -> None:
+    """Refuse an unknown export form (``--pwlq-export``)."""
     if form not in PIECEWISE_EXPORTS:
         raise ConfigError(
             f"unknown PWLQ export form '{form}'; use one of {', '.join(PIECEWISE_EXPORTS)}"
@@ -82,11 +83,10 @@ def weight_branches(quantizer: PiecewiseQuantizer, weight: torch.Tensor) -> list
             for factor in (1, 2):
                 steps = factor * scale / first_scale
                 whole = steps.round()
-                if bool(((steps - whole).abs() <= MERGE_TOLERANCE).all()):
-                    first_values = (
-                        factor * first_values + whole.to(torch.int64).reshape(channels) * values
-                    )
-                    first_scale = first_scale / factor
+                exact = bool(((steps - whole).abs() <= MERGE_TOLERANCE).all() and whole.min() >= 1)
+                joined = factor * first_values + whole.to(torch.int64).reshape(channels) * values
+                if exact and int(joined.abs().max()) <= EXACT_BRANCH_LIMIT:
+                    first_values, first_scale = joined, first_scale / factor
                     merged = True
                     break
         if not merged:
@@ -137,7 +137,6 @@ def lower_piecewise_weight(
     """Lower the PWLQ weight quantizer ``node`` (FX) in ``form``; returns the node that replaces
     it (the dequantized weight, for readers the branches do not cover) and the number of
     branches written (0: dequantized)."""
-    check_piecewise_export(form)
     graph = graph_module.graph
     with graph.inserting_before(node):
         dequantized = _buffer(graph_module, quantizer.name, quantizer(weight).detach().float())
