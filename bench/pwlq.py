@@ -314,6 +314,12 @@ def machine_line(total: float, command: str) -> str:
     )
 
 
+EARLIER_RUN = (
+    "Earlier run (2026-11-23, `python bench/pwlq.py`, all models, 53.3 min): PWLQ breakpoints "
+    "from the closed-form Gaussian approximation, no AdaRound or two-breakpoint rows; not rerun "
+    "with this version yet."
+)
+EARLIER_MARK = " (earlier run)"
 SEARCH_TEXT = {
     "approx": "the closed-form Gaussian approximation (supplement §1.1)",
     "bisection": "the bisection solve of eq. 6 on a fitted Gaussian",
@@ -362,14 +368,18 @@ def merge_section(
 ) -> tuple[str, str]:
     """The verdict lines and model blocks of ``previous`` (the section now in the docs) with
     this run's models replaced, in the order of ``MODELS``."""
-    old_verdicts = {
-        m.group(1): m.group(0)
-        for m in re.finditer(r"^- \*\*([\w-]+)\*\*:.*$", previous, re.MULTILINE)
-    }
+    old_verdicts = {}
+    for match in re.finditer(r"^- \*\*([\w-]+)\*\*:.*$", previous, re.MULTILINE):
+        line, block = match.group(0), previous.split(f"### {match.group(1)}\n")[-1][:800]
+        earlier = "Measured " not in block and not line.endswith(EARLIER_MARK)
+        old_verdicts[match.group(1)] = line + EARLIER_MARK if earlier else line
     old_blocks = {}
     for chunk in previous.split("\n### ")[1:]:
-        name = chunk.split("\n", 1)[0].strip()
-        old_blocks[name] = "### " + chunk.split(END_MARK)[0].rstrip() + "\n"
+        name, _, body = chunk.split(END_MARK)[0].strip().partition("\n")
+        body = body.strip("\n")
+        if "Measured " not in body and EARLIER_RUN not in body:  # the bench's first version
+            body = f"{EARLIER_RUN}\n\n{body}"
+        old_blocks[name.strip()] = f"### {name.strip()}\n\n{body}\n"
     names = [n for n in MODELS if n in blocks or n in old_blocks]
     lines = [verdicts.get(n) or old_verdicts.get(n, "") for n in names]
     return (
