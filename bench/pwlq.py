@@ -3,12 +3,13 @@
 For each zoo model, in one run, on the zoo entry's calibration and evaluation data:
 
 * W4A8 and W3A8, per-channel weights: uniform with the MSE range (the core's default),
-  PWLQ (one breakpoint from ``--search``, default the coarse-to-fine L2 grid search of
-  supplement Algorithm 1; the official code's non-overlapping form), and PWLQ with the paper's
-  bias correction (+BC); W3A8 also with two breakpoints per side (+BC, paper Table 1); W4A8
-  also with AdaRound on the uniform grid (``--adaround-iterations``, 0 leaves it out);
-* W4A4: uniform (MSE ranges) against PWLQ on weights (+BC) and activations (breakpoint from a
-  histogram of the calibration data, range from the same MSE estimator).
+  PWLQ (one breakpoint from ``--search``, default the paper's closed-form Gaussian
+  approximation; the official code's non-overlapping form), and PWLQ with the paper's bias
+  correction (+BC); W3A8 also with the coarse-to-fine L2 grid search (+BC, supplement
+  Algorithm 1) and with two breakpoints per side (+BC, paper Table 1); W4A8 also with AdaRound
+  on the uniform grid (``--adaround-iterations``, 0 leaves it out);
+* W4A4: uniform (MSE ranges) against PWLQ on weights (+BC) and activations (one breakpoint, and
+  two), the activations' breakpoints from a histogram of the calibration data.
 
 Activations are 8-bit per-tensor with the core's MSE range unless stated. Every metric compares
 against the FP32 model's outputs on the evaluation set; "gap / uniform gap" is the loss of the
@@ -16,7 +17,7 @@ primary metric against FP32 divided by the uniform row's loss at the same bit-wi
 "weight MSE lower" counts the layers whose PWLQ weight MSE is below the uniform one's.
 Each model's lines in docs/benchmarks.md are replaced as soon as it is done.
 
-    .venv/bin/python bench/pwlq.py [--models digits-cnn,ppocr-cls] [--search grid] [--quick]
+    .venv/bin/python bench/pwlq.py [--models digits-cnn,ppocr-cls] [--search approx] [--quick]
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ class Variant:
 def variants(search: str, adaround_iterations: int) -> list[Variant]:
     pwlq = PiecewiseSpec(search=search)
     corrected = PiecewiseSpec(search=search, bias_correction=True)
+    searched = PiecewiseSpec(search="grid", bias_correction=True)
     two = PiecewiseSpec(search=search, breakpoints=2, bias_correction=True)
     rows = []
     for bits in (4, 3):
@@ -104,6 +106,14 @@ def variants(search: str, adaround_iterations: int) -> list[Variant]:
                 )
             )
         if bits == 3:
+            if search != "grid":
+                rows.append(
+                    Variant(
+                        f"{group} PWLQ grid search +BC",
+                        group,
+                        QuantConfig(weight_bits=bits, weight_quantizer="pwlq", piecewise=searched),
+                    )
+                )
             rows.append(
                 Variant(
                     f"{group} PWLQ 2 breakpoints +BC",
@@ -288,11 +298,12 @@ def verdict(name: str, primary: str, rows: list[Row], higher: bool) -> str:
             f"metric better than uniform {'yes' if better else 'NO'}, "
             f"+BC better still {'yes' if bc_better else 'NO'}"
         )
-    two = by_label.get("W3A8 PWLQ 2 breakpoints +BC")
-    if two is not None:
-        uniform = by_label["W3A8 uniform (MSE range)"]
-        beats = sign * (two.metrics[primary] - uniform.metrics[primary]) > 0
-        claims.append(f"W3A8 2 breakpoints +BC better than uniform {'yes' if beats else 'NO'}")
+    for label in ("W3A8 PWLQ grid search +BC", "W3A8 PWLQ 2 breakpoints +BC"):
+        row = by_label.get(label)
+        if row is not None:
+            uniform = by_label["W3A8 uniform (MSE range)"]
+            beats = sign * (row.metrics[primary] - uniform.metrics[primary]) > 0
+            claims.append(f"{label[5:]} better than uniform {'yes' if beats else 'NO'}")
     w4a4 = [r for r in rows if r.variant.group == "W4A4"]
     beats = [sign * (r.metrics[primary] - w4a4[0].metrics[primary]) > 0 for r in w4a4[1:]]
     claims.append(
@@ -320,6 +331,11 @@ EARLIER_RUN = (
     "with this version yet."
 )
 EARLIER_MARK = " (earlier run)"
+ACTIVATION_TEXT = {
+    "approx": "the closed form with σ the calibration histogram's root mean square",
+    "bisection": "eq. 6 on the calibration histogram's CDF",
+    "grid": "eq. 6 on the calibration histogram's CDF (no samples to grid-search)",
+}
 SEARCH_TEXT = {
     "approx": "the closed-form Gaussian approximation (supplement §1.1)",
     "bisection": "the bisection solve of eq. 6 on a fitted Gaussian",
@@ -344,10 +360,12 @@ range. Uniform: symmetric per-channel grid with the MSE range (the core's defaul
 `--weight-quantizer pwlq --breakpoint-search {search}`: one breakpoint per side from
 {SEARCH_TEXT[search]}, the official code's non-overlapping form, `m = max|w|` per channel, every
 conv and linear quantized (first and last included); +BC: `--bias-correction` (per-channel mean
-and std, as the paper's code). "2 breakpoints": `--breakpoints 2` (supplement eq. 1, paper
-Table 1), two region bits per weight. W4A4 PWLQ adds `--activation-quantizer pwlq`: the MSE
-range of the activation and its breakpoints from eq. 6 on the calibration histogram's CDF
-(activations keep a histogram, not samples, so `grid` means bisection there).
+and std, as the paper's code). "grid search": `--breakpoint-search grid`, the coarse-to-fine
+search on each channel's L2 error (supplement Algorithm 1). "2 breakpoints": `--breakpoints 2`
+(supplement eq. 1, paper Table 1; eq. 6 solved by bisection on a fitted Gaussian), two region
+bits per weight. W4A4 PWLQ adds `--activation-quantizer pwlq`: the MSE
+range of the activation; one breakpoint from {ACTIVATION_TEXT[search]}, two from eq. 6 on the
+calibration histogram's CDF.
 {adaround_text} "bits / weight" is the stored cost: PWLQ stores
 its region index (1 bit for one breakpoint, 2 for two) on top of the b-bit value. "gap / uniform
 gap": the loss of the primary metric against FP32 over the uniform row's loss at the same
@@ -406,7 +424,7 @@ def main(argv: list[str]) -> None:
         "--threads", type=int, default=1, help="torch threads (default 1: a shared machine)"
     )
     parser.add_argument(
-        "--search", default="grid", choices=sorted(SEARCH_TEXT), help="PWLQ breakpoint search"
+        "--search", default="approx", choices=sorted(SEARCH_TEXT), help="PWLQ breakpoint search"
     )
     parser.add_argument(
         "--adaround-iterations", type=int, default=200, help="W4A8 AdaRound row (0: none)"
