@@ -3,18 +3,21 @@
 For each zoo model, in one run, on the zoo entry's calibration and evaluation data:
 
 * W4A8 and W3A8, per-channel weights: uniform with the MSE range (the core's default),
-  PWLQ (one breakpoint, closed-form Gaussian approximation, the official code's
-  non-overlapping form), and PWLQ with the paper's bias correction (+BC);
-* W4A4: uniform (MSE ranges) against PWLQ on weights (+BC) and activations (breakpoint from a
-  histogram of the calibration data, range from the same MSE estimator).
+  PWLQ (one breakpoint from ``--search``, default the paper's closed-form Gaussian
+  approximation; the official code's non-overlapping form), and PWLQ with the paper's bias
+  correction (+BC); W3A8 also with the coarse-to-fine L2 grid search (+BC, supplement
+  Algorithm 1) and with two breakpoints per side (+BC, paper Table 1); W4A8 also with AdaRound
+  on the uniform grid (``--adaround-iterations``, 0 leaves it out);
+* W4A4: uniform (MSE ranges) against PWLQ on weights (+BC) and activations (one breakpoint, and
+  two), the activations' breakpoints from a histogram of the calibration data.
 
 Activations are 8-bit per-tensor with the core's MSE range unless stated. Every metric compares
 against the FP32 model's outputs on the evaluation set; "gap / uniform gap" is the loss of the
 primary metric against FP32 divided by the uniform row's loss at the same bit-widths.
 "weight MSE lower" counts the layers whose PWLQ weight MSE is below the uniform one's.
-AdaRound (issue 6) is built in parallel and is not in this run.
+Each model's lines in docs/benchmarks.md are replaced as soon as it is done.
 
-    .venv/bin/python bench/pwlq.py [--models digits-cnn,ppocr-cls] [--quick] [--no-docs]
+    .venv/bin/python bench/pwlq.py [--models digits-cnn,ppocr-cls] [--search approx] [--quick]
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ sys.path.insert(0, str(REPO))
 
 from docs_section import write_section  # noqa: E402
 
-from qpp.api import quantize, run  # noqa: E402
+from qpp.api import calibrate, prepare, quantize, run  # noqa: E402
 from qpp.pipeline import quantized_size_bytes, weight_bits_per_element  # noqa: E402
+from qpp.ptq.adaround import AdaRoundConfig, adaround  # noqa: E402
 from qpp.quant.spec import PiecewiseSpec  # noqa: E402
 from qpp.sim.config import QuantConfig  # noqa: E402
 from qpp.sim.model import QuantizedModel  # noqa: E402
@@ -53,6 +57,7 @@ QUICK_SIZES: dict[str, dict[str, int]] = {
     "ppocr-det": {"num_eval": 8, "num_calib": 8},
     "digits-cnn": {"num_calibration": 32},
 }
+ADAROUND_SAMPLES = 32
 STARTED = time.perf_counter()
 
 
@@ -66,11 +71,15 @@ class Variant:
     group: str  # rows of one group share the uniform baseline ("W4A8", "W3A8", "W4A4")
     config: QuantConfig
     baseline: bool = False
+    #: AdaRound iterations on top of the uniform config (0: none).
+    adaround: int = 0
 
 
-def variants() -> list[Variant]:
-    pwlq = PiecewiseSpec()
-    corrected = PiecewiseSpec(bias_correction=True)
+def variants(search: str, adaround_iterations: int) -> list[Variant]:
+    pwlq = PiecewiseSpec(search=search)
+    corrected = PiecewiseSpec(search=search, bias_correction=True)
+    searched = PiecewiseSpec(search="grid", bias_correction=True)
+    two = PiecewiseSpec(search=search, breakpoints=2, bias_correction=True)
     rows = []
     for bits in (4, 3):
         group = f"W{bits}A8"
@@ -87,6 +96,31 @@ def variants() -> list[Variant]:
                 QuantConfig(weight_bits=bits, weight_quantizer="pwlq", piecewise=corrected),
             ),
         ]
+        if bits == 4 and adaround_iterations:
+            rows.append(
+                Variant(
+                    f"{group} uniform + AdaRound ({adaround_iterations} it.)",
+                    group,
+                    QuantConfig(weight_bits=bits),
+                    adaround=adaround_iterations,
+                )
+            )
+        if bits == 3:
+            if search != "grid":
+                rows.append(
+                    Variant(
+                        f"{group} PWLQ grid search +BC",
+                        group,
+                        QuantConfig(weight_bits=bits, weight_quantizer="pwlq", piecewise=searched),
+                    )
+                )
+            rows.append(
+                Variant(
+                    f"{group} PWLQ 2 breakpoints +BC",
+                    group,
+                    QuantConfig(weight_bits=bits, weight_quantizer="pwlq", piecewise=two),
+                )
+            )
     rows += [
         Variant(
             "W4A4 uniform (MSE ranges)",
@@ -103,6 +137,17 @@ def variants() -> list[Variant]:
                 weight_quantizer="pwlq",
                 activation_quantizer="pwlq",
                 piecewise=corrected,
+            ),
+        ),
+        Variant(
+            "W4A4 PWLQ 2 breakpoints, weights +BC and activations",
+            "W4A4",
+            QuantConfig(
+                weight_bits=4,
+                activation_bits=4,
+                weight_quantizer="pwlq",
+                activation_quantizer="pwlq",
+                piecewise=two,
             ),
         ),
     ]
@@ -130,7 +175,22 @@ def weight_errors(model: QuantizedModel) -> dict[str, float]:
         }
 
 
-def bench_model(name: str, quick: bool) -> tuple[str, list[Row], dict[str, float], str]:
+def quantize_variant(fp32: torch.nn.Module, calibration: list, variant: Variant) -> QuantizedModel:
+    """``variant``'s quantized model: plain calibration, or AdaRound on the frozen MSE weight
+    encodings (the first ``ADAROUND_SAMPLES`` calibration samples) then activation ranges."""
+    if not variant.adaround:
+        return quantize(fp32, calibration, variant.config)
+    quantized = prepare(fp32, calibration[0], variant.config)
+    quantized.compute_weight_encodings()
+    config = AdaRoundConfig(iterations=variant.adaround, samples=ADAROUND_SAMPLES)
+    adaround(quantized, calibration, config)
+    calibrate(quantized, calibration, weights=False)
+    return quantized
+
+
+def bench_model(
+    name: str, quick: bool, search: str, adaround_iterations: int
+) -> tuple[str, list[Row], dict[str, float], str]:
     cls = entry_class(name)
     entry = cls(**QUICK_SIZES[name]) if quick else cls()
     fp32 = entry.load_model()
@@ -140,9 +200,9 @@ def bench_model(name: str, quick: bool) -> tuple[str, list[Row], dict[str, float
     fp32_metrics = entry.metrics(reference, reference, evaluation)
     log(f"{name}: FP32 {entry.primary_metric} {fp32_metrics[entry.primary_metric]:.4f}")
     rows = []
-    for variant in variants():
+    for variant in variants(search, adaround_iterations):
         start = time.perf_counter()
-        quantized = quantize(fp32, calibration, variant.config)
+        quantized = quantize_variant(fp32, calibration, variant)
         seconds = time.perf_counter() - start
         outputs = run(quantized, evaluation.batches)
         metrics = entry.metrics(outputs, reference, evaluation)
@@ -153,7 +213,7 @@ def bench_model(name: str, quick: bool) -> tuple[str, list[Row], dict[str, float
                 weight_bits_per_element(quantized),
                 quantized_size_bytes(quantized),
                 seconds,
-                weight_errors(quantized) if variant.group != "W4A4" else {},
+                {} if variant.group == "W4A4" or variant.adaround else weight_errors(quantized),
             )
         )
         log(
@@ -222,31 +282,35 @@ def model_table(
     return "\n".join(lines)
 
 
-def verdicts(results: dict[str, tuple[str, list[Row], dict[str, float], bool]]) -> str:
-    """The issue's claims, checked on this run's numbers."""
-    lines = []
-    for name, (primary, rows, _, higher) in results.items():
-        sign = 1.0 if higher else -1.0
-        by_label = {r.variant.label: r for r in rows}
-        claims = []
-        for group in ("W4A8", "W3A8"):
-            uniform = by_label[f"{group} uniform (MSE range)"]
-            plain, corrected = by_label[f"{group} PWLQ"], by_label[f"{group} PWLQ +BC"]
-            every_layer = all(
-                plain.weight_mse[k] < uniform.weight_mse[k] for k in uniform.weight_mse
-            )
-            better = sign * (plain.metrics[primary] - uniform.metrics[primary]) > 0
-            bc_better = sign * (corrected.metrics[primary] - plain.metrics[primary]) > 0
-            claims.append(
-                f"{group}: weight MSE lower on every layer {'yes' if every_layer else 'NO'}, "
-                f"metric better than uniform {'yes' if better else 'NO'}, "
-                f"+BC better still {'yes' if bc_better else 'NO'}"
-            )
-        w4a4 = [r for r in rows if r.variant.group == "W4A4"]
-        beats = sign * (w4a4[1].metrics[primary] - w4a4[0].metrics[primary]) > 0
-        claims.append(f"W4A4: PWLQ beats uniform {'yes' if beats else 'NO'}")
-        lines.append(f"- **{name}**: " + "; ".join(claims) + ".")
-    return "\n".join(lines)
+def verdict(name: str, primary: str, rows: list[Row], higher: bool) -> str:
+    """The issue's claims, checked on one model's numbers."""
+    sign = 1.0 if higher else -1.0
+    by_label = {r.variant.label: r for r in rows}
+    claims = []
+    for group in ("W4A8", "W3A8"):
+        uniform = by_label[f"{group} uniform (MSE range)"]
+        plain, corrected = by_label[f"{group} PWLQ"], by_label[f"{group} PWLQ +BC"]
+        every_layer = all(plain.weight_mse[k] < uniform.weight_mse[k] for k in uniform.weight_mse)
+        better = sign * (plain.metrics[primary] - uniform.metrics[primary]) > 0
+        bc_better = sign * (corrected.metrics[primary] - plain.metrics[primary]) > 0
+        claims.append(
+            f"{group}: weight MSE lower on every layer {'yes' if every_layer else 'NO'}, "
+            f"metric better than uniform {'yes' if better else 'NO'}, "
+            f"+BC better still {'yes' if bc_better else 'NO'}"
+        )
+    for label in ("W3A8 PWLQ grid search +BC", "W3A8 PWLQ 2 breakpoints +BC"):
+        row = by_label.get(label)
+        if row is not None:
+            uniform = by_label["W3A8 uniform (MSE range)"]
+            beats = sign * (row.metrics[primary] - uniform.metrics[primary]) > 0
+            claims.append(f"{label[5:]} better than uniform {'yes' if beats else 'NO'}")
+    w4a4 = [r for r in rows if r.variant.group == "W4A4"]
+    beats = [sign * (r.metrics[primary] - w4a4[0].metrics[primary]) > 0 for r in w4a4[1:]]
+    claims.append(
+        f"W4A4: PWLQ beats uniform {'yes' if beats[0] else 'NO'} "
+        f"(2 breakpoints: {'yes' if beats[1] else 'NO'})"
+    )
+    return f"- **{name}**: " + "; ".join(claims) + "."
 
 
 def machine_line(total: float, command: str) -> str:
@@ -256,12 +320,98 @@ def machine_line(total: float, command: str) -> str:
         f"Measured {datetime.date.today().isoformat()} on this machine: {os.cpu_count()} cores "
         f"({model.group(1).strip() if model else platform.processor()}), torch "
         f"{torch.__version__} with {torch.get_num_threads()} thread(s), Python "
-        f"{platform.python_version()}. Command: `{command}`; the whole run took "
+        f"{platform.python_version()}. Command: `{command}`; this model took "
         f"{total / 60:.1f} min."
     )
 
 
-def write_docs(section: str) -> None:
+EARLIER_RUN = (
+    "Earlier run (2026-11-23, `python bench/pwlq.py`, all models, 53.3 min): PWLQ breakpoints "
+    "from the closed-form Gaussian approximation, no AdaRound or two-breakpoint rows; not rerun "
+    "with this version yet."
+)
+EARLIER_MARK = " (earlier run)"
+ACTIVATION_TEXT = {
+    "approx": "the closed form with σ the calibration histogram's root mean square",
+    "bisection": "eq. 6 on the calibration histogram's CDF",
+    "grid": "eq. 6 on the calibration histogram's CDF (no samples to grid-search)",
+}
+SEARCH_TEXT = {
+    "approx": "the closed-form Gaussian approximation (supplement §1.1)",
+    "bisection": "the bisection solve of eq. 6 on a fitted Gaussian",
+    "grid": "the coarse-to-fine grid search on each channel's L2 error (supplement Algorithm 1)",
+}
+
+
+def section_text(search: str, adaround_iterations: int, verdicts: str, blocks: str) -> str:
+    adaround_text = (
+        f"W4A8 uniform + AdaRound: the core's MSE weight ranges, then AdaRound "
+        f"(`qpp.ptq.adaround`, {adaround_iterations} iterations, the first "
+        f"{ADAROUND_SAMPLES} calibration samples, otherwise its defaults), then activation "
+        "ranges."
+        if adaround_iterations
+        else "AdaRound is not in this run (`--adaround-iterations 0`)."
+    )
+    return f"""{START_MARK}
+## PWLQ vs uniform weights (`bench/pwlq.py`)
+
+Per-channel weights; W4A8 and W3A8 keep the core's 8-bit per-tensor activations with the MSE
+range. Uniform: symmetric per-channel grid with the MSE range (the core's default). PWLQ:
+`--weight-quantizer pwlq --breakpoint-search {search}`: one breakpoint per side from
+{SEARCH_TEXT[search]}, the official code's non-overlapping form, `m = max|w|` per channel, every
+conv and linear quantized (first and last included); +BC: `--bias-correction` (per-channel mean
+and std, as the paper's code). "grid search": `--breakpoint-search grid`, the coarse-to-fine
+search on each channel's L2 error (supplement Algorithm 1). "2 breakpoints": `--breakpoints 2`
+(supplement eq. 1, paper Table 1; eq. 6 solved by bisection on a fitted Gaussian), two region
+bits per weight. W4A4 PWLQ adds `--activation-quantizer pwlq`: the MSE
+range of the activation; one breakpoint from {ACTIVATION_TEXT[search]}, two from eq. 6 on the
+calibration histogram's CDF.
+{adaround_text} "bits / weight" is the stored cost: PWLQ stores
+its region index (1 bit for one breakpoint, 2 for two) on top of the b-bit value. "gap / uniform
+gap": the loss of the primary metric against FP32 over the uniform row's loss at the same
+bit-widths (below 1 is better). "weight MSE lower": layers where PWLQ's weight MSE is below
+uniform's, and the geometric mean of PWLQ/uniform weight MSE. Data: each zoo entry's default
+calibration and evaluation sets. At equal storage, PWLQ at b bits (b + 1 stored) compares with
+uniform at b + 1 bits: read the W3A8 PWLQ rows against the W4A8 uniform rows (both 4 bits per
+weight). Each model runs alone (`--models NAME`) and replaces only its own lines below.
+
+{verdicts}
+
+{blocks}
+{END_MARK}"""
+
+
+def merge_section(
+    previous: str, verdicts: dict[str, str], blocks: dict[str, str]
+) -> tuple[str, str]:
+    """The verdict lines and model blocks of ``previous`` (the section now in the docs) with
+    this run's models replaced, in the order of ``MODELS``."""
+    old_verdicts = {}
+    for match in re.finditer(r"^- \*\*([\w-]+)\*\*:.*$", previous, re.MULTILINE):
+        line, block = match.group(0), previous.split(f"### {match.group(1)}\n")[-1][:800]
+        earlier = "Measured " not in block and not line.endswith(EARLIER_MARK)
+        old_verdicts[match.group(1)] = line + EARLIER_MARK if earlier else line
+    old_blocks = {}
+    for chunk in previous.split("\n### ")[1:]:
+        name, _, body = chunk.split(END_MARK)[0].strip().partition("\n")
+        body = body.strip("\n")
+        if "Measured " not in body and EARLIER_RUN not in body:  # the bench's first version
+            body = f"{EARLIER_RUN}\n\n{body}"
+        old_blocks[name.strip()] = f"### {name.strip()}\n\n{body}\n"
+    names = [n for n in MODELS if n in blocks or n in old_blocks]
+    lines = [verdicts.get(n) or old_verdicts.get(n, "") for n in names]
+    return (
+        "\n".join(line for line in lines if line),
+        "\n".join(blocks.get(n) or old_blocks[n] for n in names),
+    )
+
+
+def write_docs(search: str, adaround_iterations: int, verdicts: dict, blocks: dict) -> None:
+    text = DOCS.read_text() if DOCS.is_file() else ""
+    found = re.search(re.escape(START_MARK) + ".*?" + re.escape(END_MARK), text, re.DOTALL)
+    previous = found.group(0) if found else ""
+    merged_verdicts, merged_blocks = merge_section(previous, verdicts, blocks)
+    section = section_text(search, adaround_iterations, merged_verdicts, merged_blocks)
     write_section(section, START_MARK, END_MARK, DOCS)
 
 
@@ -273,52 +423,32 @@ def main(argv: list[str]) -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (default 1: a shared machine)"
     )
+    parser.add_argument(
+        "--search", default="approx", choices=sorted(SEARCH_TEXT), help="PWLQ breakpoint search"
+    )
+    parser.add_argument(
+        "--adaround-iterations", type=int, default=200, help="W4A8 AdaRound row (0: none)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
-    results = {}
-    sections = []
-    for name in names:
-        primary, rows, fp32, summary = bench_model(name, args.quick)
-        higher = entry_class(name).higher_is_better
-        results[name] = (primary, rows, fp32, higher)
-        table = model_table(name, primary, rows, fp32, higher)
-        sections.append(f"### {name}\n\n{summary}\n\n{table}")
-        print(f"\n## {name}\n\n{table}\n", flush=True)
-    summary_lines = verdicts(results)
-    print(summary_lines)
     command = "python bench/pwlq.py" + (" " + " ".join(argv) if argv else "")
-    section = (
-        f"""{START_MARK}
-## PWLQ vs uniform weights (`bench/pwlq.py`)
-
-{machine_line(time.perf_counter() - STARTED, command)}
-
-Per-channel weights; W4A8 and W3A8 keep the core's 8-bit per-tensor activations with the MSE
-range. Uniform: symmetric per-channel grid with the MSE range (the core's default). PWLQ:
-`--weight-quantizer pwlq` with one breakpoint per side from the closed-form Gaussian
-approximation (supplement §1.1), the official code's non-overlapping form, `m = max|w|` per
-channel; +BC: `--bias-correction` (per-channel mean and std, as the paper's code). W4A4 PWLQ adds
-`--activation-quantizer pwlq`: the MSE range of the activation, the breakpoint from the
-approximation with σ the calibration histogram's root mean square. "bits / weight" is the
-stored cost: PWLQ stores one region bit per weight on top of the b-bit value. "gap / uniform
-gap": the loss of the primary metric against FP32 over the uniform row's loss at the same
-bit-widths (below 1 is better). "weight MSE lower": layers where PWLQ's weight MSE is below
-uniform's, and the geometric mean of PWLQ/uniform weight MSE. AdaRound (issue 6) is built in
-parallel and not in this run. Data: each zoo entry's default calibration and evaluation sets.
-At equal storage, PWLQ at b bits (b + 1 stored) compares with uniform at b + 1 bits: read the
-W3A8 PWLQ rows against the W4A8 uniform rows (both 4 bits per weight).
-
-{summary_lines}
-
-"""
-        + "\n\n".join(sections)
-        + f"\n{END_MARK}"
-    )
-    if not args.quick and not args.no_docs:
-        write_docs(section)
-        log(f"wrote {DOCS}")
+    for name in names:
+        torch.manual_seed(0)
+        started = time.perf_counter()
+        primary, rows, fp32, summary = bench_model(
+            name, args.quick, args.search, args.adaround_iterations
+        )
+        higher = entry_class(name).higher_is_better
+        table = model_table(name, primary, rows, fp32, higher)
+        line = verdict(name, primary, rows, higher)
+        print(f"\n## {name}\n\n{table}\n\n{line}\n", flush=True)
+        measured = machine_line(time.perf_counter() - started, command)
+        block = f"### {name}\n\n{measured}\n\n{summary}\n\n{table}\n"
+        if not args.quick and not args.no_docs:
+            # Each model as soon as it is done: a long run that stops keeps what it measured.
+            write_docs(args.search, args.adaround_iterations, {name: line}, {name: block})
+            log(f"wrote {name} to {DOCS}")
 
 
 if __name__ == "__main__":

@@ -394,6 +394,12 @@ def export_command(
         bool, typer.Option(help="compare ONNX Runtime with the simulation on the evaluation set")
     ] = False,
     force: Annotated[bool, typer.Option(help="replace an existing --onnx file")] = False,
+    pwlq_export: Annotated[
+        str,
+        typer.Option(
+            help="PWLQ weights as integer branches ORT sums (branches) or float (dequantized)"
+        ),
+    ] = "branches",
     json_output: JsonOutput = False,
     quiet: Quiet = False,
 ) -> None:
@@ -401,7 +407,7 @@ def export_command(
     _quiet_libraries()
     from qpp.export.job import export_job
 
-    result = export_job(folder, onnx, check, force, show_progress=not quiet)
+    result = export_job(folder, onnx, check, force, not quiet, pwlq_export)
     data = result.as_dict()
     if json_output:
         print(json.dumps(data))

@@ -32,6 +32,7 @@ from qpp.export.ort import (
     optimized_op_counts,
     run_session,
 )
+from qpp.export.piecewise import check_piecewise_export
 from qpp.pipeline import rebuild_run
 from qpp.sim.model import QuantizedModel
 from qpp.zoo.base import Batch, ZooEntry
@@ -77,11 +78,13 @@ def export_run(
     check: bool,
     fp32: torch.nn.Module | None = None,
     show_progress: bool = False,
+    piecewise: str = "branches",
 ) -> tuple[ExportReport, KernelReport, ParityReport | None]:
     """Export ``quantized`` to ``path``, list the kernels ORT runs, and (``check``) compare ORT
-    with the simulation on ``entry``'s evaluation set."""
+    with the simulation on ``entry``'s evaluation set; ``piecewise``: the form of PWLQ weights."""
     example = entry.calibration_set()[0]
-    report = export_onnx(quantized, example, path, None, _input_names(entry, example), force)
+    names = _input_names(entry, example)
+    report = export_onnx(quantized, example, path, None, names, force, piecewise)
     with tempfile.TemporaryDirectory(prefix="qpp-export.") as folder:
         kernels = KernelReport.from_counts(optimized_op_counts(path, Path(folder)))
     parity = None
@@ -104,14 +107,20 @@ def export_run(
 
 
 def export_job(
-    folder: Path, onnx_path: Path, check: bool, force: bool, show_progress: bool = True
+    folder: Path,
+    onnx_path: Path,
+    check: bool,
+    force: bool,
+    show_progress: bool = True,
+    piecewise: str = "branches",
 ) -> ExportResult:
     """Rebuild the run in ``folder`` and export it to ``onnx_path`` (``qpp export``)."""
     started = time.perf_counter()
     check_output_path(onnx_path, force)  # before the slow part
+    check_piecewise_export(piecewise)
     record, entry, fp32, quantized = rebuild_run(folder)
     report, kernels, parity = export_run(
-        quantized, entry, onnx_path, force, check, fp32, show_progress
+        quantized, entry, onnx_path, force, check, fp32, show_progress, piecewise
     )
     return ExportResult(
         record.source.model,

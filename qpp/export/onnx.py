@@ -40,10 +40,17 @@ from qpp.export.compact import (
     short_value_names,
 )
 from qpp.export.isa import CpuIsa, WeightFormat, detect_isa
+from qpp.export.piecewise import (
+    check_piecewise_export,
+    integer_branch_convs,
+    lower_piecewise_weight,
+    piecewise_note,
+)
 from qpp.graph.ops import OpKind, op_kind
 from qpp.quant.affine import INT32_RANGE, quantize_bias
 from qpp.sim.bias import BiasQuantizer
 from qpp.sim.model import QUANTIZER_ROOT, QuantizedModel
+from qpp.sim.piecewise import PiecewiseQuantizer
 from qpp.sim.quantizer import Mode, Quantizer, QuantizerKind
 
 #: ONNX QuantizeLinear/DequantizeLinear carry 8-bit integers with integer kernels behind them;
@@ -81,6 +88,8 @@ class ExportReport:
     #: Quantizers left in float (disabled, or never calibrated).
     float_quantizers: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: PWLQ weights: quantizer name -> integer branches written (0: dequantized to float).
+    piecewise_branches: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -93,6 +102,7 @@ class _Lowered:
     activations: int = 0
     biases: int = 0
     float_quantizers: list[str] = field(default_factory=list)
+    piecewise_branches: dict[str, int] = field(default_factory=dict)
 
 
 def check_exportable(model: QuantizedModel) -> None:
@@ -106,10 +116,11 @@ def check_exportable(model: QuantizedModel) -> None:
         )
     for name in model.names:
         quantizer = model.quantizer(name)
-        if _is_active(quantizer) and quantizer.spec.piecewise is not None:
+        piecewise = quantizer.spec.piecewise is not None
+        if _is_active(quantizer) and piecewise and quantizer.kind is QuantizerKind.ACTIVATION:
             raise ConfigError(
-                f"quantizer '{name}' is piecewise linear (PWLQ), which the ONNX export does not "
-                "express yet; export a uniform quantization (--weight-quantizer uniform)"
+                f"activation quantizer '{name}' is piecewise linear (PWLQ), which ONNX QDQ "
+                "cannot express; quantize with --activation-quantizer uniform to export"
             )
         if _is_active(quantizer) and quantizer.spec.bits > MAX_EXPORT_BITS:
             raise ConfigError(
@@ -151,17 +162,21 @@ def output_scales(model: QuantizedModel) -> list[float | None]:
     return scales
 
 
-def lower_quantizers(model: QuantizedModel, weight_format: WeightFormat) -> GraphModule:
+def lower_quantizers(
+    model: QuantizedModel, weight_format: WeightFormat, piecewise: str = "branches"
+) -> GraphModule:
     """A copy of ``model``'s graph with every quantizer replaced by quantize/dequantize ops.
 
     Computes in torch exactly what the exported ONNX graph computes (int32 biases included), so
-    it is also the reference for the export's own tests.
+    it is also the reference for the export's own tests. ``piecewise``: how PWLQ weights are
+    written (``qpp.export.piecewise``).
     """
-    return _lower(model, weight_format).graph_module
+    return _lower(model, weight_format, piecewise).graph_module
 
 
-def _lower(model: QuantizedModel, weight_format: WeightFormat) -> _Lowered:
+def _lower(model: QuantizedModel, weight_format: WeightFormat, piecewise: str) -> _Lowered:
     check_exportable(model)
+    check_piecewise_export(piecewise)
     graph_module = copy.deepcopy(model.graph_module)
     lowered = _Lowered(graph_module)
     graph = graph_module.graph
@@ -180,6 +195,13 @@ def _lower(model: QuantizedModel, weight_format: WeightFormat) -> _Lowered:
         elif not _is_active(quantizer):
             lowered.float_quantizers.append(quantizer.name)
             replacement = value
+        elif isinstance(quantizer, PiecewiseQuantizer):
+            tensor = _attribute(graph_module, str(value.target))
+            replacement, branches = lower_piecewise_weight(
+                graph_module, node, quantizer, tensor, piecewise
+            )
+            lowered.piecewise_branches[quantizer.name] = branches
+            lowered.weights += 1
         elif quantizer.kind is QuantizerKind.WEIGHT:
             replacement = _lower_weight(lowered, node, quantizer, value, weight_format)
             lowered.weights += 1
@@ -341,23 +363,26 @@ def export_onnx(
     weight_format: WeightFormat | None = None,
     input_names: Sequence[str] | None = None,
     force: bool = False,
+    piecewise: str = "branches",
 ) -> ExportReport:
     """Write ``model`` as an ONNX QDQ graph to ``path`` (dim 0 of every input dynamic).
 
     ``weight_format=None`` picks the format that stays exact on this machine's CPU
-    (``choose_weight_format``).
+    (``choose_weight_format``); ``piecewise``: the form of PWLQ weights
+    (``qpp.export.piecewise``: branches or dequantized).
     """
     path = Path(path)
     check_output_path(path, force)
     if weight_format is None:
         weight_format = choose_weight_format(model, detect_isa())
-    lowered = _lower(model, weight_format)
+    lowered = _lower(model, weight_format, piecewise)
     inputs = tuple(example_inputs)
     names = list(input_names) if input_names else [f"input{i}" for i in range(len(inputs))]
     proto = _torch_export(lowered.graph_module, inputs, names)
     global_average_pools(proto)
     hard_swishes(proto)
     _strip_metadata(proto)
+    integer_branch_convs(proto)
     drop_zero_zero_points(proto)
     short_value_names(proto)
     import onnx
@@ -374,7 +399,8 @@ def export_onnx(
         int32_biases=lowered.biases,
         opset=opset,
         float_quantizers=lowered.float_quantizers,
-        notes=_notes(model, weight_format),
+        notes=_notes(model, weight_format) + piecewise_note(lowered.piecewise_branches),
+        piecewise_branches=lowered.piecewise_branches,
     )
 
 

@@ -30,6 +30,18 @@ def test_pwlq_run_reports_storage_and_reproduces(qpp, tmp_path: Path) -> None:
     evaluated = qpp("eval", folder, "--json", "--quiet")
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads(evaluated.stdout)["reproduced"] is True
+    # The export writes PWLQ weights as integer branches that ORT sums; --check compares.
+    exported = qpp(
+        "export", folder, "--onnx", tmp_path / "pwlq.onnx", "--check", "--json", "--quiet"
+    )
+    assert exported.exit_code == 0, exported.output
+    export = json.loads(exported.stdout)
+    assert export["parity"]["passed"] and export["parity"]["metric_difference"] == 0
+    assert export["kernels"]["integer"] == {"ConvInteger": 15, "QGemm": 3}  # 3 branches each
+    assert export["kernels"]["float_compute"] == {}
+    assert set(export["export"]["piecewise_branches"].values()) == {3}
+    odd = qpp("export", folder, "--onnx", tmp_path / "odd.onnx", "--pwlq-export", "float")
+    assert odd.exit_code != 0 and "branches, dequantized" in odd.output
 
 
 def test_pwlq_flags_without_pwlq_are_user_errors(qpp, user_error) -> None:

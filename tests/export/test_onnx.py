@@ -189,14 +189,14 @@ def test_refuses_existing_files_and_wide_encodings(digits: Exported, tmp_path: P
 
 
 def test_refuses_what_onnx_qdq_cannot_express(digits: Exported, tmp_path: Path) -> None:
-    """Per-input QPs (QPP) and piecewise weights would export silently wrong as plain QDQ."""
+    """Per-input QPs (QPP) and piecewise activations would export silently wrong as QDQ."""
     from qpp.sim.config import QuantConfig
     from qpp.zoo.digits import DigitsCNN
 
     calibration = DigitsCNN(num_calibration=16).calibration_set()
     for settings, message in (
         ({"activation_scheme": "dense-sparse"}, "per-input activation QPs"),
-        ({"weight_quantizer": "pwlq"}, "piecewise linear"),
+        ({"activation_quantizer": "pwlq"}, "piecewise linear"),
     ):
         model = qpp.quantize(digits.fp32, calibration, QuantConfig(**settings))
         with pytest.raises(ConfigError, match=message):
