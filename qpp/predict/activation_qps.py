@@ -561,10 +561,6 @@ def _saved_schemes(folder: Path) -> dict[str, Scheme] | None:
 
 def settings_from_config(config: QuantConfig) -> ActivationQPSettings:
     """The activation-QP settings a ``QuantConfig`` names (checked)."""
-
-    def names(text: str) -> tuple[str, ...]:
-        return tuple(item.strip() for item in text.split(",") if item.strip())
-
     if config.activation_quantizer != "uniform" and (
         config.activation_ranges != "static" or config.activation_scheme != "uniform"
     ):
@@ -578,11 +574,16 @@ def settings_from_config(config: QuantConfig) -> ActivationQPSettings:
         scheme=config.activation_scheme,
         outlier_fraction=float(config.outlier_fraction),
         estimator=config.dynamic_estimator,
-        features=names(config.predictor_features),
+        features=comma_list(config.predictor_features),
         sources=sources,
         source_count=count,
         feature_elements=config.predictor_elements,
     )
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    """``"a, b,"`` -> ``("a", "b")``."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
 def parse_sources(text: str) -> tuple[tuple[str, ...], int | None]:
@@ -592,7 +593,7 @@ def parse_sources(text: str) -> tuple[tuple[str, ...], int | None]:
     if not text:
         return (), 1
     if not text.startswith("auto"):
-        return tuple(item.strip() for item in text.split(",") if item.strip()), None
+        return comma_list(text), None
     _, _, count = text.partition(":")
     try:
         return (), int(count) if count else None
