@@ -115,6 +115,12 @@ def execution_order(model: QuantizedModel) -> list[Quantizer]:
     return list(seen.values())
 
 
+def calibrated_activations(model: QuantizedModel) -> list[Quantizer]:
+    """The enabled, calibrated activation quantizers in run order: those that can take
+    per-sample QPs."""
+    return [q for q in execution_order(model) if q.enabled and q.calibrated]
+
+
 @dataclass
 class LayerDensity:
     """The achieved outlier fraction of one layer: per sample, and its mean and std."""
@@ -325,8 +331,7 @@ def budget_source_count(
 def _sources(
     model: QuantizedModel, settings: ActivationQPSettings, sizes: dict[str, int], batch: Batch
 ) -> list[str]:
-    names = [q.name for q in execution_order(model) if q.enabled and q.calibrated]
-    names = [name for name in names if name in sizes]
+    names = [q.name for q in calibrated_activations(model) if q.name in sizes]
     if not settings.sources:
         count = settings.source_count
         if count is None:
@@ -411,7 +416,7 @@ def attach(
     """A ``SampleQuantizer`` on every enabled, calibrated activation quantizer, in run order,
     with the scheme ``schemes`` names for it (default: ``settings.scheme``); with ``schemes``,
     only on the quantizers it names (those whose tensors are batch-first)."""
-    order = [q for q in execution_order(model) if q.enabled and q.calibrated]
+    order = calibrated_activations(model)
     if schemes is not None:
         order = [q for q in order if q.name in schemes]
     scheme, mode = parse_scheme(settings.scheme), parse_mode(settings.mode)
@@ -504,7 +509,8 @@ def load_activation_qps(
     model: QuantizedModel, folder: Path, settings: ActivationQPSettings
 ) -> ActivationQPs:
     """Re-attach the per-sample QPs saved by ``ActivationQPs.save`` (no data needed)."""
-    handle, _ = attach(model, settings, _saved_schemes(folder))
+    saved = _read_state(folder)
+    handle, _ = attach(model, settings, _saved_schemes(saved))
     samplers, scheme, mode = (
         handle.samplers,
         parse_scheme(settings.scheme),
@@ -513,12 +519,11 @@ def load_activation_qps(
     if scheme is Scheme.UNIFORM and mode is not QPMode.PREDICTED:
         return handle
     paths = [folder / name for name in STATE_FILES]
-    if not all(p.is_file() for p in paths):
+    if saved is None or not paths[1].is_file():
         raise EncodingsError(
             f"{folder} lacks {' and '.join(STATE_FILES)} that its config needs; quantize again"
         )
     try:
-        saved = json.loads(paths[0].read_text())
         tensors = load_file(str(paths[1]))
         for name, layer in saved["layers"].items():
             if name not in samplers:
@@ -533,7 +538,7 @@ def load_activation_qps(
             handle.predictors.append(
                 LinearQPPredictor.from_saved(predictor, tensors, f"predictor.{index}")
             )
-    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as error:
+    except (KeyError, TypeError, ValueError) as error:
         raise EncodingsError(
             f"{folder}'s activation QP state is corrupt ({error}); quantize again"
         ) from None
@@ -543,19 +548,33 @@ def load_activation_qps(
     return handle
 
 
-def _saved_schemes(folder: Path) -> dict[str, Scheme] | None:
-    """Each per-sample layer's scheme as saved; None for saves that predate it (then every
-    activation quantizer takes the settings' scheme)."""
+def _read_state(folder: Path) -> dict[str, Any] | None:
+    """The saved ``activation_qps.json``, or None when the run has none."""
     path = folder / STATE_FILES[0]
     if not path.is_file():
         return None
     try:
-        layers = json.loads(path.read_text())["layers"]
-        schemes = {
-            name: Scheme(layer["scheme"]) for name, layer in layers.items() if "scheme" in layer
-        }
-    except (KeyError, AttributeError, TypeError, ValueError, json.JSONDecodeError) as error:
+        saved = json.loads(path.read_text())
+    except (ValueError, json.JSONDecodeError) as error:
         raise EncodingsError(f"{path} is corrupt ({error}); quantize again") from None
+    if not isinstance(saved, dict):
+        raise EncodingsError(f"{path} is corrupt (not a JSON object); quantize again")
+    return saved
+
+
+def _saved_schemes(saved: dict[str, Any] | None) -> dict[str, Scheme] | None:
+    """Each per-sample layer's scheme as saved; None for saves that predate it (then every
+    activation quantizer takes the settings' scheme)."""
+    if saved is None:
+        return None
+    try:
+        schemes = {
+            name: Scheme(layer["scheme"])
+            for name, layer in saved["layers"].items()
+            if "scheme" in layer
+        }
+    except (KeyError, AttributeError, TypeError, ValueError) as error:
+        raise EncodingsError(f"activation QP state is corrupt ({error}); quantize again") from None
     return schemes or None
 
 
