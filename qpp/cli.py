@@ -173,7 +173,10 @@ def quantize(
     ] = 0.01,
     dynamic_estimator: Annotated[
         str,
-        typer.Option(help="per-input range: auto (minmax at 8+ bits, mse below), minmax, mse"),
+        typer.Option(
+            help="per-input range: auto (the candidate closest to FP32 on calibration data), "
+            "minmax, percentile[:P], mse[:p]"
+        ),
     ] = "auto",
     predictor_features: Annotated[
         str, typer.Option(help="QP predictor inputs: mean, max, std, qP (quantiles of |x|)")

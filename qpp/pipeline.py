@@ -273,6 +273,11 @@ def _quantize(
     )
     if layers:
         extra["outlier_density"] = density_summary(layers, qp_settings.outlier_fraction)
+    if activation_qps is not None and activation_qps.estimator_errors:
+        extra["dynamic_estimator"] = {
+            "chosen": activation_qps.settings.estimator,
+            "calibration_output_error": activation_qps.estimator_errors,
+        }
     if activation_qps is not None and activation_qps.fit_r_squared:
         r2 = list(activation_qps.fit_r_squared.values())
         extra["predictor_r_squared"] = {"min": min(r2), "median": sorted(r2)[len(r2) // 2]}

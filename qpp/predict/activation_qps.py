@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from qpp.errors import ConfigError, EncodingsError
 from qpp.predict.cost import model_flops
+from qpp.predict.estimator_choice import choose_dynamic_estimator
 from qpp.predict.predictor import (
     DEFAULT_FEATURES,
     LinearQPPredictor,
@@ -29,6 +30,7 @@ from qpp.predict.predictor import (
     sample_features,
 )
 from qpp.predict.qps import (
+    AUTO_ESTIMATOR,
     QPMode,
     SampleQPs,
     SampleQuantizer,
@@ -146,6 +148,9 @@ class ActivationQPs:
     samplers: dict[str, SampleQuantizer]
     predictors: list[LinearQPPredictor] = field(default_factory=list)
     fit_r_squared: dict[str, float] = field(default_factory=dict)
+    #: ``estimator="auto"``: each candidate per-input estimator's relative output error on the
+    #: calibration batches (``qpp.predict.estimator_choice``); ``settings`` holds the choice.
+    estimator_errors: dict[str, float] = field(default_factory=dict)
     _hooks: list[Any] = field(default_factory=list)
 
     # --- modes ------------------------------------------------------------------------------
@@ -253,6 +258,7 @@ class ActivationQPs:
             "layers": layers,
             "predictors": predictors,
             "fit_r_squared": self.fit_r_squared,
+            "estimator_errors": self.estimator_errors,
         }
         (folder / STATE_FILES[0]).write_text(json.dumps(settings, indent=1))
         save_file(tensors, str(folder / STATE_FILES[1]))
@@ -451,6 +457,16 @@ def configure_activation_qps(
     sources = _sources(model, settings, sizes, batches[0]) if mode is QPMode.PREDICTED else []
     handle, order = attach(model, settings, layer_schemes(sizes, settings))
     samplers = handle.samplers
+    if (
+        scheme is Scheme.UNIFORM
+        and mode is not QPMode.STATIC
+        and settings.estimator == AUTO_ESTIMATOR
+    ):
+        choice = choose_dynamic_estimator(
+            model, samplers.values(), batches, show_progress=show_progress
+        )
+        handle.settings = replace(settings, estimator=choice.chosen)
+        handle.estimator_errors = choice.errors
     if scheme is Scheme.UNIFORM and mode is not QPMode.PREDICTED:
         return handle  # static uses the calibrated encodings; dynamic needs nothing more
 
@@ -510,7 +526,9 @@ def load_activation_qps(
 ) -> ActivationQPs:
     """Re-attach the per-sample QPs saved by ``ActivationQPs.save`` (no data needed)."""
     saved = _read_state(folder)
+    settings = _with_saved_estimator(settings, saved)
     handle, _ = attach(model, settings, _saved_schemes(saved))
+    handle.estimator_errors = dict((saved or {}).get("estimator_errors", {}))
     samplers, scheme, mode = (
         handle.samplers,
         parse_scheme(settings.scheme),
@@ -560,6 +578,20 @@ def _read_state(folder: Path) -> dict[str, Any] | None:
     if not isinstance(saved, dict):
         raise EncodingsError(f"{path} is corrupt (not a JSON object); quantize again")
     return saved
+
+
+def _with_saved_estimator(
+    settings: ActivationQPSettings, saved: dict[str, Any] | None
+) -> ActivationQPSettings:
+    """``settings`` with the per-input estimator that ``auto`` chose when the run was saved."""
+    if settings.estimator != AUTO_ESTIMATOR or saved is None:
+        return settings
+    try:
+        chosen = saved["settings"].get("estimator", AUTO_ESTIMATOR)
+        check_dynamic_estimator(chosen)
+    except (KeyError, AttributeError, TypeError) as error:
+        raise EncodingsError(f"activation QP state is corrupt ({error}); quantize again") from None
+    return replace(settings, estimator=chosen)
 
 
 def _saved_schemes(saved: dict[str, Any] | None) -> dict[str, Scheme] | None:

@@ -60,10 +60,9 @@ def parse_scheme(scheme: str) -> Scheme:
         raise ConfigError(f"unknown scheme '{scheme}'; use uniform or dense-sparse") from None
 
 
-#: ``auto``: min-max at 8 bits and more, MSE below (white paper §3.1: min-max ranges suffice
-#: at 8 bits, lower bit-widths need clipping). Measured per sample on all-MiniLM-L6-v2:
-#: A8 min-max mean cosine 0.9934 vs MSE 0.9735 (MSE clips the outlier channels of single
-#: inputs); A4 MSE 0.706 vs min-max 0.463.
+#: ``auto``: chosen on calibration data by ``qpp.predict.estimator_choice``. Until then (a
+#: sampler is built before the choice runs) it means min-max at 8 bits and more, MSE below
+#: (white paper §3.1: min-max ranges suffice at 8 bits, lower bit-widths need clipping).
 AUTO_ESTIMATOR = "auto"
 
 

@@ -71,3 +71,12 @@ def print_result(result: dict[str, Any], title: str, console: Console | None = N
     console.print(result_table(result, title))
     if "compare" in result:
         console.print(compare_table(result["compare"], result["primary_metric"]))
+    choice = result.get("dynamic_estimator")
+    if choice:
+        errors = ", ".join(
+            f"{name} {error:.4g}" for name, error in choice["calibration_output_error"].items()
+        )
+        console.print(
+            f"per-input ranges: {choice['chosen']} (relative output error vs FP32 on "
+            f"calibration data: {errors})"
+        )

@@ -69,8 +69,9 @@ class QuantConfig:
     #: uniform, or dense-sparse (a fraction ``outlier_fraction`` of each tensor stays float).
     activation_scheme: str = "uniform"
     outlier_fraction: float = 0.01
-    #: Per-sample range estimator of dynamic uniform QPs: auto (minmax at 8+ bits, mse below),
-    #: minmax, percentile[:P] or mse[:p].
+    #: Per-sample range estimator of dynamic uniform QPs: auto (of minmax, percentile 99.99 and
+    #: 99.9, mse: the one whose outputs are closest to FP32 on calibration data), minmax,
+    #: percentile[:P] or mse[:p].
     dynamic_estimator: str = "auto"
     #: Comma-separated statistics the QP predictor reads (mean, max, std, qP of |x|).
     predictor_features: str = "mean,max,q0.9,q0.99,q0.999"

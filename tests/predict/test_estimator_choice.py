@@ -1,0 +1,95 @@
+"""``--dynamic-estimator auto``: the per-input range is chosen by output error on calibration
+data (``qpp.predict.estimator_choice``)."""
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qpp.api import prepare, quantize
+from qpp.predict import ActivationQPSettings, configure_activation_qps, load_activation_qps
+from qpp.predict.estimator_choice import CANDIDATE_ESTIMATORS
+from qpp.runs import graph_weights
+from qpp.sim.config import QuantConfig
+
+
+class TwoLayerNet(nn.Module):
+    """Ignores its input's first feature (a zero weight column)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(1024, 32)
+        self.second = nn.Linear(32, 8)
+        with torch.no_grad():
+            self.first.weight[:, 0] = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.relu(self.first(x)))
+
+
+def spiky_batches(count: int, seed: int) -> list[tuple[torch.Tensor]]:
+    """Gaussian rows whose first feature is huge and different in every row: a per-input
+    min-max range spends the 4-bit grid on that value, which the model ignores; a clipped
+    range keeps resolution for the other 1023."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        x = torch.randn(16, 1024, generator=generator)
+        x[:, 0] = 20.0 + 40.0 * torch.rand(16, generator=generator)
+        batches.append((x,))
+    return batches
+
+
+def _model() -> tuple[nn.Module, object]:
+    torch.manual_seed(0)
+    net = TwoLayerNet().eval()
+    return net, quantize(net, spiky_batches(4, 0), QuantConfig(activation_bits=4))
+
+
+def _output_error(model: object, net: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(x) - net(x)).square().mean())  # type: ignore[operator]
+
+
+def test_auto_picks_a_clipping_range_where_min_max_wastes_the_grid() -> None:
+    net, model = _model()
+    handle = configure_activation_qps(
+        model, spiky_batches(4, 0), ActivationQPSettings(mode="dynamic")
+    )
+    errors = handle.estimator_errors
+    assert list(errors) == list(CANDIDATE_ESTIMATORS)
+    chosen = handle.settings.estimator
+    assert chosen == min(errors, key=errors.__getitem__) and chosen != "minmax", errors
+    assert all(s.estimator == chosen for s in handle.samplers.values())
+    assert all(s.mode.value == "dynamic" for s in handle.samplers.values())
+    # The choice made on calibration data holds on other inputs.
+    held_out = torch.cat([b[0] for b in spiky_batches(2, 9)])
+    auto_error = _output_error(model, net, held_out)
+    handle.detach()
+    minmax = configure_activation_qps(
+        model, spiky_batches(4, 0), ActivationQPSettings(mode="dynamic", estimator="minmax")
+    )
+    assert minmax.estimator_errors == {}  # an explicit estimator is used as given
+    assert auto_error < 0.7 * _output_error(model, net, held_out)
+
+
+def test_the_chosen_estimator_is_saved_and_reloaded(tmp_path: Path) -> None:
+    net, model = _model()
+    settings = ActivationQPSettings(mode="predicted")
+    handle = configure_activation_qps(model, spiky_batches(4, 0), settings)
+    handle.save(tmp_path)
+    x = spiky_batches(1, 5)[0]
+    expected = model(*x)  # type: ignore[operator]
+    handle.set_mode("dynamic")
+    expected_dynamic = model(*x)  # type: ignore[operator]
+
+    rebuilt = prepare(net, x, QuantConfig(activation_bits=4))
+    rebuilt.graph_module.load_state_dict(graph_weights(model), strict=False)
+    rebuilt.load_encodings(model.encodings())  # type: ignore[attr-defined]
+    loaded = load_activation_qps(rebuilt, tmp_path, settings)
+    assert loaded.settings.estimator == handle.settings.estimator != "auto"
+    assert loaded.estimator_errors == handle.estimator_errors
+    with torch.no_grad():
+        assert torch.equal(rebuilt(*x), expected)
+        loaded.set_mode("dynamic")
+        assert torch.equal(rebuilt(*x), expected_dynamic)
