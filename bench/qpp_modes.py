@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import re
 import sys
 import tempfile
 import time
@@ -41,6 +42,7 @@ from qpp.sim.config import QuantConfig  # noqa: E402
 from qpp.zoo import entry_class  # noqa: E402
 
 START_MARK, END_MARK = "<!-- qpp_modes:start -->", "<!-- qpp_modes:end -->"
+DEFAULT_MODELS = "minilm,ppocr-cls,digits-cnn,ppocr-rec,ppocr-det"
 SCHEMES = ("uniform", "dense-sparse")
 #: Data sizes per model: the defaults for the small models, fewer samples for the large ones
 #: so the whole run fits in about an hour on 2 cores.
@@ -75,6 +77,7 @@ def qpp_rows(name: str, entry: Any, bits: list[int]) -> list[str]:
                 entry, quantized, handle, fp32, reference, calibration[0], False
             )
             handle.detach()
+            estimator = handle.settings.estimator if scheme == "uniform" else ""
             modes = comparison.rows["modes"]
             values = {mode: row["metrics"][primary] for mode, row in modes.items()}
             gap = values["dynamic"] - values["static"]
@@ -100,7 +103,9 @@ def qpp_rows(name: str, entry: Any, bits: list[int]) -> list[str]:
                         if density
                         else ""
                     )
-                    + f" | {mode}{sources if mode == 'predicted' else ''} | "
+                    + f" | {mode}{sources if mode == 'predicted' else ''}"
+                    + (f", {estimator}" if estimator and mode != "static" else "")
+                    + " | "
                     f"{row['metrics'][primary]:.4f} | {spread} | "
                     f"{row['overhead_percent']:.3f} | {closed if mode == 'predicted' else ''} |"
                 )
@@ -126,9 +131,22 @@ def ort_rows(name: str, entry: Any, root: Path) -> list[str]:
     return lines
 
 
+def merged_tables(tables: dict[str, str]) -> list[str]:
+    """This run's model tables, and the tables of the other models from the section now in
+    the docs (in the default model order)."""
+    text = DOCS.read_text() if DOCS.is_file() else ""
+    found = re.search(re.escape(START_MARK) + ".*?" + re.escape(END_MARK), text, re.DOTALL)
+    previous: dict[str, str] = {}
+    for chunk in (found.group(0) if found else "").split("\n### ")[1:]:
+        body = chunk.split(END_MARK)[0].strip()
+        previous[body.partition("\n")[0].strip()] = f"### {body}"
+    names = list(dict.fromkeys([*DEFAULT_MODELS.split(","), *tables, *previous]))
+    return [tables.get(n) or previous[n] for n in names if n in tables or n in previous]
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="digits-cnn,ppocr-cls,minilm,ppocr-rec,ppocr-det")
+    parser.add_argument("--models", default=DEFAULT_MODELS)
     parser.add_argument("--bits", default="8,4", help="activation bit-widths")
     parser.add_argument("--no-ort", action="store_true", help="leave out ONNX Runtime's rows")
     parser.add_argument("--no-docs", action="store_true")
@@ -136,7 +154,7 @@ def main(argv: list[str]) -> None:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     started = time.perf_counter()
     bits = [int(b) for b in args.bits.split(",")]
-    tables = []
+    tables: dict[str, str] = {}
     header = [
         "| method | scheme | mode | metric | outlier fraction (mean ± std over inputs) | "
         "overhead (% FLOPs) | gap closed |",
@@ -145,6 +163,7 @@ def main(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="qpp_modes.") as temporary:
         for name in args.models.split(","):
             print(f"{name} ...", flush=True)
+            model_started = time.perf_counter()
             entry = entry_class(name)(**SIZES.get(name, {}))
             lines = header + qpp_rows(name, entry, bits)
             if not args.no_ort:
@@ -152,8 +171,10 @@ def main(argv: list[str]) -> None:
             table = "\n".join(lines)
             print(table, flush=True)
             evaluation = entry.evaluation_set()
-            tables.append(
-                f"### {name}\n\n{evaluation.num_samples} evaluation samples, metric: "
+            tables[name] = (
+                f"### {name}\n\nMeasured {datetime.date.today()}, "
+                f"{(time.perf_counter() - model_started) / 60:.1f} min. "
+                f"{evaluation.num_samples} evaluation samples, metric: "
                 f"{entry.primary_metric} (vs FP32 where it is a similarity).\n\n{table}"
             )
     minutes = (time.perf_counter() - started) / 60
@@ -162,16 +183,19 @@ def main(argv: list[str]) -> None:
         "(`bench/qpp_modes.py`)\n\n"
         f"Measured {datetime.date.today()} on this machine (2 cores, shared), "
         f"{torch.get_num_threads()} torch thread(s); command: "
-        f"`.venv/bin/python bench/qpp_modes.py {' '.join(argv)}`, {minutes:.1f} min. "
+        f"`.venv/bin/python bench/qpp_modes.py {' '.join(argv)}`, {minutes:.1f} min (models "
+        "not in the command keep their tables from an earlier run, dated in each). "
         "W8 per-channel weights. Uniform: per-sample ranges (dynamic; the default `auto` "
-        "estimator: min-max at A8, MSE at A4) and their ridge "
+        "estimator, chosen per model and bit-width among min-max, percentile 99.99 and 99.9 "
+        "and MSE by the output error vs FP32 on calibration batches, named in the mode "
+        "column) and their ridge "
         f"prediction by {PREDICTOR}; Dense+Sparse: outlier fraction 1 % on every tensor with "
         "at least 1000 elements per sample (smaller ones, e.g. squeeze-excitation vectors, "
         "keep the uniform scheme in the same mode), static = the mean calibration threshold. "
         "Overhead: the predictor's features and linear maps, or the dynamic reductions, per "
         "input, against the model's FLOPs. ORT rows: `quantize_static` MinMax (QDQ, "
         "per-channel QInt8 weights, QUInt8 activations) and, for MiniLM, `quantize_dynamic`, "
-        "on the same data.\n\n" + "\n\n".join(tables) + f"\n{END_MARK}"
+        "on the same data.\n\n" + "\n\n".join(merged_tables(tables)) + f"\n{END_MARK}"
     )
     if not args.no_docs:
         write_section(section, START_MARK, END_MARK, DOCS)
