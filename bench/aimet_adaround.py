@@ -24,6 +24,9 @@ import numpy as np
 import torch
 
 ONNX_MODULES = ("onnx2torch", "qpp.graph.onnx_import")
+#: Hugging Face modules torch.fx cannot trace (BERT's embeddings slice ``position_ids`` by the
+#: input's length); AIMET keeps them as leaves like the onnx2torch modules.
+UNTRACEABLE_HF = ("BertEmbeddings",)
 
 
 def main(spec_path: str) -> None:
@@ -57,11 +60,21 @@ def main(spec_path: str) -> None:
     # into index lists in forward, which torch.fx cannot trace; they stay leaf modules (same
     # model, same function), the rest is traced as usual.
     leaves = sorted(
-        {type(m) for m in model.modules() if type(m).__module__.startswith(ONNX_MODULES)},
+        {
+            type(m)
+            for m in model.modules()
+            if type(m).__module__.startswith(ONNX_MODULES) or type(m).__name__ in UNTRACEABLE_HF
+        },
         key=lambda kind: kind.__name__,
     )
-    model = prepare_model(model, module_classes_to_exclude=leaves)
-    register_output_quantized(leaves)
+    if any(type(m).__name__ in UNTRACEABLE_HF for m in model.modules()):
+        # The BERT forward branches on the attention mask, so torch.fx cannot trace it at all:
+        # AIMET quantizes its modules (Linear, Embedding, LayerNorm, GELU) as they stand, and
+        # the functional ops between them (attention matmuls, softmax, adds) stay float.
+        model.eval()
+    else:
+        model = prepare_model(model, module_classes_to_exclude=leaves)
+        register_output_quantized(leaves)
     fold_all_batch_norms(model, None, dummy_input=dummy)
     scheme = QuantScheme.post_training_tf_enhanced
     params = AdaroundParameters(

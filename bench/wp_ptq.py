@@ -391,7 +391,8 @@ def table(name: str, primary: str, groups: dict[str, list[Row]], higher_is_bette
         + " | | | | |"
     )
     for key in ("W8A8", "W4A8"):
-        rtn = next(r for r in groups[key] if r.label == "RTN, MSE ranges").metrics[primary]
+        baseline = [r for r in groups[key] if r.label == "RTN, MSE ranges" and r.metrics]
+        rtn = baseline[0].metrics[primary] if baseline else float("nan")  # skipped: no gap
         for row in groups[key]:
             if row.metrics is None:
                 lines.append(
