@@ -11,6 +11,7 @@ from qpp.graph.capture import capture
 from qpp.graph.fold import fold_batch_norms, fold_bias_adds
 from qpp.graph.placement import place_quantizers
 from qpp.predict import configure_activation_qps, settings_from_config
+from qpp.ptq.activations import data_positions, real_positions
 from qpp.report.progress import progress
 from qpp.sim.config import QuantConfig
 from qpp.sim.model import QuantizedModel
@@ -50,12 +51,25 @@ def calibrate(
     batches: Sequence[Batch],
     show_progress: bool = False,
     weights: bool = True,
+    real_tokens_only: bool = False,
 ) -> None:
     """Compute every quantizer's encoding from ``batches`` (weights first, then activations);
-    ``weights=False`` keeps the weight encodings already set."""
-    with torch.no_grad(), model.calibration(weights):
-        for batch in progress(batches, "calibrate", show_progress):
-            model(*batch)
+    ``weights=False`` keeps the weight encodings already set. ``real_tokens_only``: for token
+    batches (``input_ids, attention_mask``) per-tensor activation ranges see only the positions
+    the attention mask marks as tokens, not the padding."""
+    observers = (
+        [q for q in model.select(kind="activation") if q.axis is None] if real_tokens_only else []
+    )
+    try:
+        with torch.no_grad(), model.calibration(weights):
+            for batch in progress(batches, "calibrate", show_progress):
+                mask = data_positions(batch)
+                for quantizer in observers:
+                    quantizer.observed_part = None if mask is None else real_positions(mask)
+                model(*batch)
+    finally:
+        for quantizer in observers:
+            quantizer.observed_part = None
 
 
 def limit_samples(batches: list[Batch], samples: int | None) -> list[Batch]:

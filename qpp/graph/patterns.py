@@ -8,6 +8,8 @@
 - ``activation_after``: the ReLU a layer's output passes through, if any (AdaRound's ``f_a``).
 - ``batch_norm_inputs``: layers whose input is ``[ReLU](BN(layer))``, with the folded batch
   norm's statistics (analytic bias correction).
+- ``lookup_sums``: lookups (embedding tables) whose outputs are added together, as BERT adds
+  its word, token-type and position embeddings before the first layer norm.
 
 Quantizer modules inserted by ``qpp.sim`` are transparent: patterns are the same before and
 after insertion.
@@ -29,6 +31,8 @@ QUANTIZER_PREFIX = "qpp_quantizers."
 _CONVS = (aten.conv1d.default, aten.conv2d.default)
 _LINEARS = (aten.linear.default,)
 _RELUS = (aten.relu.default, aten.relu_.default)
+_ADDS = (aten.add.Tensor, aten.add_.Tensor)
+_SHAPE_OPS = (aten.sym_size.int, aten.sym_size.default)
 
 
 @dataclass(frozen=True)
@@ -286,3 +290,104 @@ def batch_norm_inputs(graph_module: GraphModule) -> list[BatchNormInput]:
         if value.name in statistics:
             found.append(BatchNormInput(consumer, statistics[value.name], through_relu))
     return found
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """``table[indices]`` (``aten.embedding``) with a parameter table at attribute ``table``.
+
+    ``input_dependent`` is true when the indices depend on the values of a graph input (token
+    ids); false when they come from constants and at most the inputs' shapes (BERT's
+    ``token_type_ids`` and ``position_ids`` buffers)."""
+
+    node: Node
+    table: str
+    indices: Node
+    input_dependent: bool
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+
+@dataclass(frozen=True)
+class LookupSum:
+    """Lookups whose outputs are summed by a tree of adds ending at ``output``; ``pairs`` are
+    the lookups added to each other directly (``add(a, b)``), by node name."""
+
+    lookups: tuple[Lookup, ...]
+    output: Node
+    pairs: tuple[tuple[str, str], ...]
+
+
+def _depends_on_input_values(node: Node, memo: dict[str, bool]) -> bool:
+    """True when ``node``'s value depends on a placeholder's values (not only its shape)."""
+    if node.name not in memo:
+        if node.op == "placeholder":
+            memo[node.name] = True
+        elif node.target in _SHAPE_OPS:
+            memo[node.name] = False
+        else:
+            memo[node.name] = any(_depends_on_input_values(n, memo) for n in node.all_input_nodes)
+    return memo[node.name]
+
+
+def as_lookup(node: Node, memo: dict[str, bool] | None = None) -> Lookup | None:
+    """``node`` as a ``Lookup`` when it is ``aten.embedding`` of a parameter table."""
+    if node.op != "call_function" or node.target is not aten.embedding.default:
+        return None
+    table, indices = _param(node.args[0]), node.args[1]
+    if table is None or not isinstance(indices, Node):
+        return None
+    return Lookup(
+        node, table, indices, _depends_on_input_values(indices, {} if memo is None else memo)
+    )
+
+
+def lookups(graph_module: GraphModule) -> list[Lookup]:
+    """Every lookup of a parameter table, in graph order."""
+    memo: dict[str, bool] = {}
+    found = [as_lookup(node, memo) for node in graph_module.graph.nodes]
+    return [lookup for lookup in found if lookup is not None]
+
+
+def lookup_sums(graph_module: GraphModule) -> list[LookupSum]:
+    """Every add tree (adds feeding only adds, up to the last one) with two or more lookups
+    among its operands; other operands are allowed and ignored."""
+    memo: dict[str, bool] = {}
+    order = {node: index for index, node in enumerate(graph_module.graph.nodes)}
+    found: list[LookupSum] = []
+
+    def is_inner_add(node: Node) -> bool:
+        user = sole_user(node)
+        return user is not None and user.target in _ADDS
+
+    for node in graph_module.graph.nodes:
+        if node.target not in _ADDS or is_inner_add(node):
+            continue
+        lookups: list[Lookup] = []
+        pairs: list[tuple[str, str]] = []
+        stack = [node]
+        while stack:
+            add = stack.pop()
+            operands = [skip_quantizers(a) for a in add.args[:2] if isinstance(a, Node)]
+            direct = []
+            for operand in operands:
+                if operand.target in _ADDS and sole_user(operand) is add:
+                    stack.append(operand)
+                    continue
+                lookup = as_lookup(operand, memo)
+                if lookup is not None:
+                    lookups.append(lookup)
+                    direct.append(lookup.name)
+            if len(direct) == 2:
+                pairs.append((direct[0], direct[1]))
+        if len(lookups) >= 2:
+            ordered = sorted(lookups, key=lambda lookup: order[lookup.node])
+            found.append(LookupSum(tuple(ordered), node, tuple(pairs)))
+    return found
+
+
+def used_once(graph_module: GraphModule, path: str) -> bool:
+    """True when the parameter at ``path`` feeds exactly one op (not tied or shared)."""
+    return _used_once(graph_module, path)

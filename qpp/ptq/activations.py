@@ -66,6 +66,16 @@ def data_positions(batch: Batch) -> torch.Tensor | None:
     return mask.bool()
 
 
+def real_positions(mask: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> x[mask]`` for values laid out ``[batch, sequence, ...]`` like the bool ``mask``
+    (``data_positions``); values of other layouts (attention scores) are kept whole."""
+
+    def part(x: torch.Tensor) -> torch.Tensor:
+        return x[mask] if x.ndim >= 2 and x.shape[:2] == mask.shape else x
+
+    return part
+
+
 def channel_axis(value: torch.Tensor, is_conv: bool) -> int:
     """Channels are dim 1 of a conv's output and the last dim of a linear's."""
     return 1 if is_conv else value.ndim - 1

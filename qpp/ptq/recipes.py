@@ -3,11 +3,14 @@
 ``wp-ptq`` is the white paper's standard PTQ pipeline (Fig. 8, §3.5), for any bit-widths:
 
 1. cross-layer equalization (with high-bias absorption) when the model has depthwise convs;
+   lookup tables (embeddings) get per-row asymmetric grids, constant lookups absorbed
+   (``qpp.ptq.lookups``);
 2. weight ranges from the config's estimator (MSE by default), per channel or per tensor;
 3. AdaRound when calibration data is available (``adaround_iterations > 0``), otherwise bias
    correction (empirical with data, analytic from batch norms without);
 4. activation ranges from the config's estimator (MSE by default) on the calibration data,
-   behind the final weights, with the weight encodings kept frozen.
+   behind the final weights, with the weight encodings kept frozen; for token data only the
+   real tokens (not the padding) set the ranges.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ from typing import Any
 
 from qpp.api import calibrate
 from qpp.errors import ConfigError
-from qpp.graph.patterns import get_attr, weight_layers
+from qpp.graph.patterns import get_attr, lookups, weight_layers
 from qpp.ptq.activations import Batch, data_positions
 from qpp.ptq.adaround import AdaRoundConfig, adaround
 from qpp.ptq.bias_correction import BiasCorrectionConfig, bias_correction
 from qpp.ptq.cle import CLEConfig, cross_layer_equalization
+from qpp.ptq.lookups import LookupConfig, quantize_lookups
 from qpp.sim.config import RECIPES
 from qpp.sim.model import QuantizedModel
 
@@ -42,6 +46,8 @@ class WhitePaperRecipe:
     #: (``input_ids, attention_mask``) data, ``quantized`` otherwise. On MiniLM with 64-243
     #: calibration sentences the quantized-input form overfits them (see docs/ptq.md).
     adaround_inputs: str | None = None
+    #: Per-row grids for lookup tables and constant lookups absorbed (``qpp.ptq.lookups``).
+    lookups: bool = True
 
 
 @dataclass
@@ -80,6 +86,9 @@ def white_paper_ptq(
     if use_cle:
         started = time.perf_counter()
         step("cle", started, cross_layer_equalization(qmodel, data, CLEConfig()))
+    if config.lookups and any(lookups(qmodel.graph_module)):
+        started = time.perf_counter()
+        step("lookups", started, quantize_lookups(qmodel, data, LookupConfig()))
     started = time.perf_counter()
     qmodel.compute_weight_encodings()
     step("weight_ranges", started, None)
@@ -98,7 +107,7 @@ def white_paper_ptq(
         result = bias_correction(qmodel, data, BiasCorrectionConfig(mode), show_progress)
         step("bias_correction", started, result)
     started = time.perf_counter()
-    calibrate(qmodel, data, show_progress, weights=False)
+    calibrate(qmodel, data, show_progress, weights=False, real_tokens_only=True)
     step("activation_ranges", started, None)
     return report
 

@@ -53,6 +53,9 @@ class Quantizer(torch.nn.Module):
         #: When set, replaces the static fake-quantization of an activation with per-sample QPs
         #: (dynamic or predicted; see ``qpp.predict``).
         self.per_sample: Callable[[torch.Tensor], torch.Tensor] | None = None
+        #: When set, ``OBSERVE`` mode records only ``observed_part(x)`` (e.g. the real tokens of
+        #: a padded batch), so values that are not data do not set the range.
+        self.observed_part: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     # --- configuration ------------------------------------------------------------------------
 
@@ -81,6 +84,10 @@ class Quantizer(torch.nn.Module):
         self.mode = Mode.OBSERVE
 
     def observe(self, x: torch.Tensor) -> None:
+        if self.observed_part is not None:
+            x = self.observed_part(x)
+            if x.numel() == 0:
+                return
         for observer in self._statistics.values():
             observer.update(x)  # type: ignore[attr-defined]
 
