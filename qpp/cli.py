@@ -207,7 +207,7 @@ def quantize(
         int | None, typer.Option(help="PWLQ breakpoints per side, 1-3 (default 1)")
     ] = None,
     breakpoint_search: Annotated[
-        str | None, typer.Option(help="PWLQ breakpoint: approx (default), bisection or grid")
+        str | None, typer.Option(help="PWLQ breakpoint: auto (default), approx, bisection or grid")
     ] = None,
     breakpoint_distribution: Annotated[
         str | None,

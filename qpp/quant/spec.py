@@ -17,15 +17,18 @@ class PiecewiseSpec:
 
     ``form``: paper (eq. 3), non-overlapping (the official code's) or overlapping.
     ``breakpoints``: per side, 1 (the paper) to 3 (supplement eq. 1).
-    ``search``: approx (closed form), bisection (eq. 6) or grid (coarse-to-fine on L2 error);
-    activations keep a histogram, not samples, so for them grid means bisection.
+    ``search``: auto (default: per channel the better of approx and a coarse-to-fine search,
+    judged by the weight error after +BC when it is on), approx (closed form), bisection
+    (eq. 6) or grid (coarse-to-fine on L2 error). Activations: auto and grid search the clip
+    range and the breakpoints jointly on the calibration histogram; approx and bisection keep
+    the estimator's range and put the breakpoints on it.
     ``distribution``: gaussian, laplacian or empirical, for approx and bisection.
     ``bias_correction``: the paper's "+BC" on weights (per-channel mean and std).
     """
 
     form: str = "non-overlapping"
     breakpoints: int = 1
-    search: str = "approx"
+    search: str = "auto"
     distribution: str = "gaussian"
     bias_correction: bool = False
 

@@ -3,7 +3,8 @@
 Weights: ``m = max|w|`` per channel and the breakpoints of ``spec.piecewise`` (closed form,
 bisection or grid search), optionally the paper's bias correction. Activations: the range from
 the spec's estimator (signed ``[-m, m]`` if it goes below zero, else one-sided ``[0, m]``, as
-PWLQ §5), the breakpoints from a histogram of the calibration data.
+PWLQ §5), the breakpoints from a histogram of the calibration data; or (search auto, grid)
+the range and the breakpoints searched together on that histogram.
 
 The inherited ``scale`` buffer holds each channel's centre step (zero point 0), so code that
 reads a scale per channel still works; the grid is in ``range_max`` and ``breakpoints``.
@@ -25,6 +26,7 @@ from qpp.quant.pwl import (
     bias_correction,
     bisection_breakpoints,
     choose_breakpoints,
+    joint_histogram_search,
 )
 from qpp.quant.ranges import activation_range
 from qpp.quant.spec import PiecewiseSpec, QuantSpec
@@ -75,6 +77,7 @@ class PiecewiseQuantizer(Quantizer):
             settings.breakpoints,
             settings.search,
             settings.distribution,
+            bias_correction=settings.bias_correction,
         )
         shift = gain = torch.zeros(0)
         if settings.bias_correction:
@@ -88,16 +91,34 @@ class PiecewiseQuantizer(Quantizer):
             self._statistics["histogram"] = HistogramObserver(self.axis)
 
     def compute_encoding(self) -> None:
-        """The estimator's range and, from the histogram, the breakpoints (eq. 6 on its CDF,
-        or the closed form with σ the data's root mean square)."""
-        lo, hi = activation_range(self._statistics, self.spec.estimator, super().grid)
+        """Search ``auto`` or ``grid``: the range and the breakpoints together on the
+        calibration histogram (``joint_histogram_search``). ``approx``, ``bisection``: the
+        estimator's range and, from the histogram, the breakpoints (eq. 6 on its CDF, or the
+        closed form with σ the data's root mean square)."""
         histogram = self._statistics["histogram"]
         assert isinstance(histogram, HistogramObserver) and histogram.counts is not None
+        settings = self.settings
+        if settings.search in ("auto", "grid"):
+            assert histogram.lo is not None and histogram.hi is not None
+            signed = bool((histogram.lo < 0).any())
+            grid = joint_histogram_search(
+                histogram.counts,
+                histogram.lo,
+                histogram.hi,
+                self.spec.bits,
+                settings.form,
+                signed,
+                settings.breakpoints,
+            )
+            self.signed = signed
+            self.set_piecewise(grid, torch.zeros(0), torch.zeros(0))
+            self._statistics = {}
+            return
+        lo, hi = activation_range(self._statistics, self.spec.estimator, super().grid)
         signed = bool((lo < 0).any())
         range_max = torch.maximum(-lo, hi) if signed else hi
         range_max = range_max.reshape(-1).double().clamp(min=1e-8)
         magnitude = HistogramMagnitude(histogram.counts, histogram.lo, histogram.hi, signed)
-        settings = self.settings
         if settings.search == "approx" and settings.breakpoints == 1:
             rms = magnitude.rms.clamp(min=1e-12)
             breakpoint_ = approximate_breakpoint(range_max / rms, settings.distribution) * rms
