@@ -660,7 +660,8 @@ def joint_histogram_search(
         errors = weighted_errors(range_max, breakpoints, points, weights, bits, form, signed)
         index = errors.argmin(dim=0, keepdim=True)
         chosen_ratio = None if ratios is None else ratios.gather(0, index)[0]
-        return factors.gather(0, index)[0], chosen_ratio, breakpoints
+        chosen = breakpoints.gather(0, index[..., None].expand(1, channels, count))[0]
+        return factors.gather(0, index)[0], chosen_ratio, chosen
 
     coarse = SMALLEST_RANGE_FACTOR * step ** torch.arange(RANGE_FACTORS, dtype=torch.float64)
     if count == 1:
@@ -680,13 +681,12 @@ def joint_histogram_search(
         return PiecewiseGrid(
             range_max.float(), (ratio * range_max)[:, None].float(), bits, form, signed
         )
-    factor, _, _ = best(coarse[:, None].expand(-1, channels).contiguous(), None)
+    factor, _, breakpoints = best(coarse[:, None].expand(-1, channels).contiguous(), None)
     for _ in range(2):
         spread = step ** torch.linspace(-1, 1, 9, dtype=torch.float64)
-        factor, _, _ = best(factor[None] * spread[:, None], None)
+        factor, _, breakpoints = best(factor[None] * spread[:, None], None)
         step = step**0.25
     range_max = factor * top
-    breakpoints = breakpoints_for(range_max[None], None)[0]
     return PiecewiseGrid(range_max.float(), breakpoints.float(), bits, form, signed)
 
 
