@@ -17,7 +17,8 @@ primary metric against FP32 divided by the uniform row's loss at the same bit-wi
 "weight MSE lower" counts the layers whose PWLQ weight MSE is below the uniform one's.
 Each model's lines in docs/benchmarks.md are replaced as soon as it is done.
 
-    .venv/bin/python bench/pwlq.py [--models digits-cnn,ppocr-cls] [--search approx] [--quick]
+    .venv/bin/python bench/pwlq.py [--models digits-cnn,ppocr-cls] [--search auto] [--quick]
+        [--skip AdaRound,"2 breakpoints"] [--eval-samples 100]
 """
 
 from __future__ import annotations
@@ -57,7 +58,17 @@ QUICK_SIZES: dict[str, dict[str, int]] = {
     "ppocr-det": {"num_eval": 8, "num_calib": 8},
     "digits-cnn": {"num_calibration": 32},
 }
+#: The constructor argument that sizes each entry's evaluation set (``--eval-samples``).
+EVAL_SIZE_KEYS = {
+    "minilm": "num_evaluation",
+    "ppocr-rec": "num_eval",
+    "ppocr-cls": "num_eval",
+    "ppocr-det": "num_eval",
+}
 ADAROUND_SAMPLES = 32
+#: The W3A8 "split" row: layers whose relative weight error with one breakpoint is above this
+#: get two per side (``PiecewiseSpec.split_above``).
+SPLIT_ABOVE = 0.015
 STARTED = time.perf_counter()
 
 
@@ -80,6 +91,7 @@ def variants(search: str, adaround_iterations: int) -> list[Variant]:
     corrected = PiecewiseSpec(search=search, bias_correction=True)
     searched = PiecewiseSpec(search="grid", bias_correction=True)
     two = PiecewiseSpec(search=search, breakpoints=2, bias_correction=True)
+    split = PiecewiseSpec(search=search, bias_correction=True, split_above=SPLIT_ABOVE)
     rows = []
     for bits in (4, 3):
         group = f"W{bits}A8"
@@ -114,6 +126,13 @@ def variants(search: str, adaround_iterations: int) -> list[Variant]:
                         QuantConfig(weight_bits=bits, weight_quantizer="pwlq", piecewise=searched),
                     )
                 )
+            rows.append(
+                Variant(
+                    f"{group} PWLQ +BC, 2 breakpoints above {SPLIT_ABOVE:.1%} error",
+                    group,
+                    QuantConfig(weight_bits=bits, weight_quantizer="pwlq", piecewise=split),
+                )
+            )
             rows.append(
                 Variant(
                     f"{group} PWLQ 2 breakpoints +BC",
@@ -188,11 +207,31 @@ def quantize_variant(fp32: torch.nn.Module, calibration: list, variant: Variant)
     return quantized
 
 
+def entry_sizes(name: str, quick: bool, eval_samples: int | None) -> dict[str, int]:
+    """The zoo entry's constructor sizes: ``--quick``'s, then ``--eval-samples`` on top (for
+    the entries whose evaluation set has a size: not digits-cnn, whose set is small)."""
+    sizes = dict(QUICK_SIZES[name]) if quick else {}
+    if eval_samples is not None:
+        key = EVAL_SIZE_KEYS.get(name)
+        if key is not None:
+            sizes[key] = eval_samples
+    return sizes
+
+
+def skipped(label: str, skip: list[str]) -> bool:
+    return any(word.lower() in label.lower() for word in skip)
+
+
 def bench_model(
-    name: str, quick: bool, search: str, adaround_iterations: int
+    name: str,
+    quick: bool,
+    search: str,
+    adaround_iterations: int,
+    skip: list[str] | None = None,
+    eval_samples: int | None = None,
 ) -> tuple[str, list[Row], dict[str, float], str]:
     cls = entry_class(name)
-    entry = cls(**QUICK_SIZES[name]) if quick else cls()
+    entry = cls(**entry_sizes(name, quick, eval_samples))
     fp32 = entry.load_model()
     calibration = entry.calibration_set()
     evaluation = entry.evaluation_set()
@@ -201,6 +240,8 @@ def bench_model(
     log(f"{name}: FP32 {entry.primary_metric} {fp32_metrics[entry.primary_metric]:.4f}")
     rows = []
     for variant in variants(search, adaround_iterations):
+        if skipped(variant.label, skip or []):
+            continue
         start = time.perf_counter()
         quantized = quantize_variant(fp32, calibration, variant)
         seconds = time.perf_counter() - start
@@ -289,7 +330,10 @@ def verdict(name: str, primary: str, rows: list[Row], higher: bool) -> str:
     claims = []
     for group in ("W4A8", "W3A8"):
         uniform = by_label[f"{group} uniform (MSE range)"]
-        plain, corrected = by_label[f"{group} PWLQ"], by_label[f"{group} PWLQ +BC"]
+        plain, corrected = by_label.get(f"{group} PWLQ"), by_label.get(f"{group} PWLQ +BC")
+        if plain is None or corrected is None:
+            claims.append(f"{group}: PWLQ or PWLQ +BC skipped in this run")
+            continue
         every_layer = all(plain.weight_mse[k] < uniform.weight_mse[k] for k in uniform.weight_mse)
         better = sign * (plain.metrics[primary] - uniform.metrics[primary]) > 0
         bc_better = sign * (corrected.metrics[primary] - plain.metrics[primary]) > 0
@@ -298,18 +342,20 @@ def verdict(name: str, primary: str, rows: list[Row], higher: bool) -> str:
             f"metric better than uniform {'yes' if better else 'NO'}, "
             f"+BC better still {'yes' if bc_better else 'NO'}"
         )
-    for label in ("W3A8 PWLQ grid search +BC", "W3A8 PWLQ 2 breakpoints +BC"):
+    split_label = f"W3A8 PWLQ +BC, 2 breakpoints above {SPLIT_ABOVE:.1%} error"
+    for label in ("W3A8 PWLQ grid search +BC", split_label, "W3A8 PWLQ 2 breakpoints +BC"):
         row = by_label.get(label)
         if row is not None:
             uniform = by_label["W3A8 uniform (MSE range)"]
             beats = sign * (row.metrics[primary] - uniform.metrics[primary]) > 0
             claims.append(f"{label[5:]} better than uniform {'yes' if beats else 'NO'}")
     w4a4 = [r for r in rows if r.variant.group == "W4A4"]
-    beats = [sign * (r.metrics[primary] - w4a4[0].metrics[primary]) > 0 for r in w4a4[1:]]
-    claims.append(
-        f"W4A4: PWLQ beats uniform {'yes' if beats[0] else 'NO'} "
-        f"(2 breakpoints: {'yes' if beats[1] else 'NO'})"
-    )
+    parts = [
+        f"{'PWLQ' if '2 breakpoints' not in r.variant.label else '2 breakpoints'} beats uniform "
+        + ("yes" if sign * (r.metrics[primary] - w4a4[0].metrics[primary]) > 0 else "NO")
+        for r in w4a4[1:]
+    ]
+    claims.append("W4A4: " + (", ".join(parts) if parts else "PWLQ skipped in this run"))
     return f"- **{name}**: " + "; ".join(claims) + "."
 
 
@@ -332,11 +378,27 @@ EARLIER_RUN = (
 )
 EARLIER_MARK = " (earlier run)"
 ACTIVATION_TEXT = {
-    "approx": "the closed form with σ the calibration histogram's root mean square",
-    "bisection": "eq. 6 on the calibration histogram's CDF",
-    "grid": "eq. 6 on the calibration histogram's CDF (no samples to grid-search)",
+    "auto": "the clip range m and the breakpoints searched jointly on the calibration "
+    "histogram's squared error, clipping included (one breakpoint: a grid of m and p/m, coarse "
+    "to fine; two: a search over m with eq. 6's breakpoints for each m)",
+    "approx": "the MSE range of the activation; one breakpoint from the closed form with σ the "
+    "calibration histogram's root mean square, two from eq. 6 on its CDF",
+    "bisection": "the MSE range of the activation; the breakpoints from eq. 6 on the calibration "
+    "histogram's CDF",
+    "grid": "as `auto`: the clip range m and the breakpoints searched jointly on the calibration "
+    "histogram's squared error",
+}
+TWO_TEXT = {
+    "auto": "per channel the better of eq. 6 solved by bisection on a fitted Gaussian and the "
+    "coordinate-wise L2 search from it, judged after +BC",
+    "approx": "eq. 6 solved by bisection on a fitted Gaussian",
+    "bisection": "eq. 6 solved by bisection on a fitted Gaussian",
+    "grid": "the coordinate-wise L2 search from eq. 6's bisection solution",
 }
 SEARCH_TEXT = {
+    "auto": "`auto`: per channel the better of the closed-form Gaussian approximation "
+    "(supplement §1.1) and the coarse-to-fine L2 search, judged by the weight error after +BC "
+    "when +BC is on",
     "approx": "the closed-form Gaussian approximation (supplement §1.1)",
     "bisection": "the bisection solve of eq. 6 on a fitted Gaussian",
     "grid": "the coarse-to-fine grid search on each channel's L2 error (supplement Algorithm 1)",
@@ -362,16 +424,19 @@ range. Uniform: symmetric per-channel grid with the MSE range (the core's defaul
 conv and linear quantized (first and last included); +BC: `--bias-correction` (per-channel mean
 and std, as the paper's code). "grid search": `--breakpoint-search grid`, the coarse-to-fine
 search on each channel's L2 error (supplement Algorithm 1). "2 breakpoints": `--breakpoints 2`
-(supplement eq. 1, paper Table 1; eq. 6 solved by bisection on a fitted Gaussian), two region
-bits per weight. W4A4 PWLQ adds `--activation-quantizer pwlq`: the MSE
-range of the activation; one breakpoint from {ACTIVATION_TEXT[search]}, two from eq. 6 on the
-calibration histogram's CDF.
+(supplement eq. 1, paper Table 1; {TWO_TEXT[search]}), two region
+bits per weight. "2 breakpoints above {SPLIT_ABOVE:.1%} error": `--split-above {SPLIT_ABOVE}`,
+one breakpoint, but two on the layers whose relative squared weight error with one is above
+{SPLIT_ABOVE:.1%} (ours, not the paper's; "bits / weight" counts their second region bit).
+W4A4 PWLQ adds `--activation-quantizer pwlq`: {ACTIVATION_TEXT[search]}.
 {adaround_text} "bits / weight" is the stored cost: PWLQ stores
 its region index (1 bit for one breakpoint, 2 for two) on top of the b-bit value. "gap / uniform
 gap": the loss of the primary metric against FP32 over the uniform row's loss at the same
 bit-widths (below 1 is better). "weight MSE lower": layers where PWLQ's weight MSE is below
 uniform's, and the geometric mean of PWLQ/uniform weight MSE. Data: each zoo entry's default
-calibration and evaluation sets. At equal storage, PWLQ at b bits (b + 1 stored) compares with
+calibration set; its evaluation set, of the size in each model's command (`--eval-samples N`:
+the first N samples; digits-cnn always its whole set); `--skip` rows are left out.
+At equal storage, PWLQ at b bits (b + 1 stored) compares with
 uniform at b + 1 bits: read the W3A8 PWLQ rows against the W4A8 uniform rows (both 4 bits per
 weight). Each model runs alone (`--models NAME`) and replaces only its own lines below.
 
@@ -424,12 +489,29 @@ def main(argv: list[str]) -> None:
         "--threads", type=int, default=1, help="torch threads (default 1: a shared machine)"
     )
     parser.add_argument(
-        "--search", default="approx", choices=sorted(SEARCH_TEXT), help="PWLQ breakpoint search"
+        "--search", default="auto", choices=sorted(SEARCH_TEXT), help="PWLQ breakpoint search"
     )
     parser.add_argument(
         "--adaround-iterations", type=int, default=200, help="W4A8 AdaRound row (0: none)"
     )
+    parser.add_argument(
+        "--skip",
+        default="",
+        help="comma-separated words: leave out the rows whose label contains one "
+        "(e.g. 'AdaRound,2 breakpoints'); the uniform rows cannot be left out",
+    )
+    parser.add_argument(
+        "--eval-samples",
+        type=int,
+        default=None,
+        help="evaluation set size (minilm, ppocr-*; digits-cnn keeps its own)",
+    )
     args = parser.parse_args(argv)
+    skip = [word.strip() for word in args.skip.split(",") if word.strip()]
+    if any(skipped(v.label, skip) for v in variants(args.search, 1) if v.baseline):
+        parser.error("--skip would leave out a uniform baseline row; skip only PWLQ/AdaRound rows")
+    if args.eval_samples is not None and args.eval_samples < 1:
+        parser.error("--eval-samples must be at least 1")
     torch.set_num_threads(args.threads)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     command = "python bench/pwlq.py" + (" " + " ".join(argv) if argv else "")
@@ -437,7 +519,7 @@ def main(argv: list[str]) -> None:
         torch.manual_seed(0)
         started = time.perf_counter()
         primary, rows, fp32, summary = bench_model(
-            name, args.quick, args.search, args.adaround_iterations
+            name, args.quick, args.search, args.adaround_iterations, skip, args.eval_samples
         )
         higher = entry_class(name).higher_is_better
         table = model_table(name, primary, rows, fp32, higher)

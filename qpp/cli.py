@@ -207,7 +207,7 @@ def quantize(
         int | None, typer.Option(help="PWLQ breakpoints per side, 1-3 (default 1)")
     ] = None,
     breakpoint_search: Annotated[
-        str | None, typer.Option(help="PWLQ breakpoint: approx (default), bisection or grid")
+        str | None, typer.Option(help="PWLQ breakpoint: auto (default), approx, bisection or grid")
     ] = None,
     breakpoint_distribution: Annotated[
         str | None,
@@ -224,6 +224,13 @@ def quantize(
     bias_correction: Annotated[
         bool, typer.Option(help="PWLQ weights: correct each channel's mean and std (+BC)")
     ] = False,
+    split_above: Annotated[
+        float | None,
+        typer.Option(
+            help="PWLQ weights: one more breakpoint per side for layers whose relative squared "
+            "weight error is above this (e.g. 0.015); default never"
+        ),
+    ] = None,
 ) -> None:
     """Quantize MODEL, evaluate it against FP32, and save encodings, weights and a report."""
     _quiet_libraries()
@@ -254,6 +261,7 @@ def quantize(
             distribution=breakpoint_distribution,
             form=pwlq_form,
             bias_correction=bias_correction or None,
+            split_above=split_above,
         )
         quant_config = QuantConfig(
             weight_bits=weights,
@@ -301,8 +309,10 @@ def _piecewise_spec(weight_quantizer: str, activation_quantizer: str, **given: A
             f"{flags} only apply to PWLQ; add --weight-quantizer pwlq "
             "(or --activation-quantizer pwlq)"
         )
-    if settings.get("bias_correction") and weight_quantizer != "pwlq":
-        raise ConfigError("--bias-correction applies to PWLQ weights; add --weight-quantizer pwlq")
+    for key in ("bias_correction", "split_above"):
+        if settings.get(key) and weight_quantizer != "pwlq":
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(f"{flag} applies to PWLQ weights; add --weight-quantizer pwlq")
     return PiecewiseSpec(**settings)
 
 

@@ -33,7 +33,7 @@ import torch
 from qpp.quant.affine import MIN_SCALE, IntegerTensor
 
 FORMS = ("non-overlapping", "paper", "overlapping")
-SEARCHES = ("approx", "bisection", "grid")
+SEARCHES = ("auto", "approx", "bisection", "grid")
 DISTRIBUTIONS = ("gaussian", "laplacian", "empirical")
 MAX_BREAKPOINTS = 3
 #: Rows shorter than this get the grid search: a fitted distribution needs some values.
@@ -439,6 +439,7 @@ def grid_search_breakpoints(
     signed: bool = True,
     start: torch.Tensor | None = None,
     sweeps: int = 2,
+    corrected: bool = False,
 ) -> torch.Tensor:
     """Breakpoints minimising the actual L2 error ``||pw(w) - w||₂`` per channel, coarse to
     fine (supplement Algorithm 1, code ``pwlq_coarse2fine_grid_search``): ratios ``p/m`` in
@@ -446,6 +447,7 @@ def grid_search_breakpoints(
 
     With several breakpoints each is searched in turn within its neighbours, from ``start``
     (e.g. the bisection solution), ``sweeps`` times. Candidates loop, channels are vectorized.
+    ``corrected``: minimise the error after the paper's bias correction instead (``row_errors``).
     """
     range_max = range_max.double().clamp(min=MIN_SCALE)
     rows = rows.detach().float()
@@ -456,7 +458,7 @@ def grid_search_breakpoints(
 
     def error(candidate: torch.Tensor) -> torch.Tensor:
         grid = PiecewiseGrid(range_max.float(), candidate.float(), bits, form, signed)
-        return (grid.quantize_rows(rows) - rows).square().sum(dim=1).double()
+        return row_errors(grid, rows, corrected)
 
     for _ in range(sweeps if count > 1 else 1):
         for index in range(count):
@@ -490,10 +492,11 @@ def choose_breakpoints(
     bits: int,
     form: str = "non-overlapping",
     count: int = 1,
-    search: str = "approx",
+    search: str = "auto",
     distribution: str = "gaussian",
     signed: bool = True,
     range_max: torch.Tensor | None = None,
+    bias_correction: bool = False,
 ) -> PiecewiseGrid:
     """The PWLQ grid of each row of ``rows`` ``[C, N]``: ``m = max|x|`` (unless given) and the
     breakpoints by ``search``:
@@ -504,18 +507,45 @@ def choose_breakpoints(
     - ``bisection``: eq. 6 solved on the ``distribution`` (fitted, or the empirical one).
     - ``grid``: the coarse-to-fine search on the actual L2 error (several breakpoints start
       from the bisection solution).
+    - ``auto`` (ours, not the paper's): per channel, the better of the model-based breakpoint
+      (``approx``; ``bisection`` for several breakpoints or the empirical distribution) and
+      the coarse-to-fine search from it, both judged by the actual L2 error of the weights as
+      they will be used: after the bias correction when ``bias_correction`` is on.
 
     Rows of fewer than ``MIN_FIT_VALUES`` values (1x1 convolutions over a few channels) are too
     short to fit a distribution to; they always use the grid search, which is cheap there.
     """
     rows = rows.detach().float()
-    if rows.shape[1] < MIN_FIT_VALUES and search != "grid":
+    if rows.shape[1] < MIN_FIT_VALUES and search not in ("grid", "auto"):
         search = "grid"
     magnitude = rows.abs() if signed else rows.clamp(min=0)
     if range_max is None:
         range_max = magnitude.amax(dim=1)
     range_max = range_max.double().clamp(min=MIN_SCALE)
-    if search == "approx" and count == 1:
+    if search == "auto":
+        model_based = "approx" if distribution != "empirical" else "bisection"
+        start = choose_breakpoints(
+            rows, bits, form, count, model_based, distribution, signed, range_max
+        ).breakpoints.double()
+        searched = grid_search_breakpoints(
+            rows,
+            range_max,
+            bits,
+            form,
+            signed,
+            start=start if count > 1 else None,
+            corrected=bias_correction,
+        )
+        errors = [
+            row_errors(
+                PiecewiseGrid(range_max.float(), b.float(), bits, form, signed),
+                rows,
+                bias_correction,
+            )
+            for b in (start, searched)
+        ]
+        breakpoints = torch.where((errors[1] < errors[0])[:, None], searched, start)
+    elif search == "approx" and count == 1:
         if distribution not in ("gaussian", "laplacian"):
             raise ValueError("the approximate breakpoint needs a gaussian or laplacian fit")
         std = rows.double().std(dim=1) if rows.shape[1] > 1 else range_max
@@ -531,6 +561,132 @@ def choose_breakpoints(
             breakpoints = grid_search_breakpoints(
                 rows, range_max, bits, form, signed, start=breakpoints
             )
+    return PiecewiseGrid(range_max.float(), breakpoints.float(), bits, form, signed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations: the clip range and the breakpoints together, on a calibration histogram
+
+#: Stage 1 of the joint search: range factors from this fraction of max|x| up to 1 ...
+SMALLEST_RANGE_FACTOR = 0.02
+RANGE_FACTORS = 32
+#: ... and breakpoint ratios p/m of 0.05, 0.10, ..., 1.
+BREAKPOINT_RATIOS = 20
+#: Points per histogram bin at which the error is evaluated (uniform within a bin).
+POINTS_PER_BIN = 4
+
+
+def histogram_points(
+    counts: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, per_bin: int = POINTS_PER_BIN
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A histogram (``counts`` ``[C, B]`` over ``[lo, hi]``) as weighted points ``[C, B·n]``:
+    ``per_bin`` evenly spaced points per bin, each carrying an equal share of its count."""
+    total = counts.shape[1] * per_bin
+    fractions = (torch.arange(total, dtype=torch.float64) + 0.5) / total
+    points = lo.double()[:, None] + (hi - lo).double()[:, None] * fractions[None]
+    weights = counts.double().repeat_interleave(per_bin, dim=1) / per_bin
+    return points.float(), weights
+
+
+def weighted_errors(
+    range_max: torch.Tensor,
+    breakpoints: torch.Tensor,
+    points: torch.Tensor,
+    weights: torch.Tensor,
+    bits: int,
+    form: str,
+    signed: bool,
+) -> torch.Tensor:
+    """``Σ w_i (pw(x_i) - x_i)²`` per candidate and channel ``[K, C]`` for candidate grids
+    ``range_max`` ``[K, C]``, ``breakpoints`` ``[K, C, n]`` on weighted points ``[C, N]``; values
+    beyond ``m`` are clipped to it, so the clipping error counts. Candidates go in chunks."""
+    candidates, channels, size = range_max.shape[0], points.shape[0], points.shape[1]
+    chunk = max(1, 2**21 // (channels * size))
+    result = []
+    for start in range(0, candidates, chunk):
+        stop = min(start + chunk, candidates)
+        grid = PiecewiseGrid(
+            range_max[start:stop].float(), breakpoints[start:stop].float(), bits, form, signed
+        )
+        rows = points.expand(stop - start, channels, size)
+        error = (grid.quantize_rows(rows) - rows).double().square()
+        result.append((error * weights).sum(dim=-1))
+    return torch.cat(result)
+
+
+def joint_histogram_search(
+    counts: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    bits: int,
+    form: str = "non-overlapping",
+    signed: bool = True,
+    count: int = 1,
+) -> PiecewiseGrid:
+    """The PWLQ grid of data summarised by a histogram per channel, the clip range ``m`` and
+    the breakpoints searched together on the actual squared error (clipping included).
+
+    The paper takes the range from the top-k median and puts ``p`` on it; at 4 bits the best
+    breakpoint depends on how much is clipped, so here both move. One breakpoint: a grid of
+    ``RANGE_FACTORS`` geometric factors of ``max|x|`` times ``BREAKPOINT_RATIOS`` ratios
+    ``p/m``, then two rounds of finer grids around the best pair. Several breakpoints: the
+    same search over ``m``, with the breakpoints of each candidate from eq. 6 (supplement eq. 1)
+    on the histogram's CDF. Channels and candidates are vectorized.
+    """
+    counts = counts.double()
+    top = torch.maximum(-lo, hi) if signed else hi
+    top = top.double().clamp(min=MIN_SCALE)
+    points, weights = histogram_points(counts, lo, hi)
+    channels = counts.shape[0]
+    step = (1.0 / SMALLEST_RANGE_FACTOR) ** (1.0 / (RANGE_FACTORS - 1))
+
+    def breakpoints_for(range_max: torch.Tensor, ratios: torch.Tensor | None) -> torch.Tensor:
+        if ratios is not None:
+            return (ratios * range_max)[..., None]
+        candidates = range_max.shape[0]
+        magnitude = HistogramMagnitude(
+            counts.repeat(candidates, 1), lo.repeat(candidates), hi.repeat(candidates), signed
+        )
+        solved = bisection_breakpoints(range_max.reshape(-1), magnitude, bits, form, signed, count)
+        return solved.reshape(candidates, channels, count)
+
+    def best(factors: torch.Tensor, ratios: torch.Tensor | None):  # type: ignore[no-untyped-def]
+        """The best of candidate ``factors`` (and ``ratios``) ``[K, C]`` per channel."""
+        factors = factors.clamp(max=1.0)
+        range_max = factors * top[None]
+        if ratios is not None:
+            ratios = ratios.clamp(min=1e-3, max=1.0)
+        breakpoints = breakpoints_for(range_max, ratios)
+        errors = weighted_errors(range_max, breakpoints, points, weights, bits, form, signed)
+        index = errors.argmin(dim=0, keepdim=True)
+        chosen_ratio = None if ratios is None else ratios.gather(0, index)[0]
+        chosen = breakpoints.gather(0, index[..., None].expand(1, channels, count))[0]
+        return factors.gather(0, index)[0], chosen_ratio, chosen
+
+    coarse = SMALLEST_RANGE_FACTOR * step ** torch.arange(RANGE_FACTORS, dtype=torch.float64)
+    if count == 1:
+        ratio_grid = torch.arange(1, BREAKPOINT_RATIOS + 1, dtype=torch.float64) / BREAKPOINT_RATIOS
+        factors = coarse.repeat_interleave(BREAKPOINT_RATIOS)[:, None].expand(-1, channels)
+        ratios = ratio_grid.repeat(RANGE_FACTORS)[:, None].expand(-1, channels)
+        factor, ratio, _ = best(factors, ratios)
+        ratio_step = 1.0 / BREAKPOINT_RATIOS
+        for _ in range(2):
+            spread = step ** torch.linspace(-1, 1, 9, dtype=torch.float64)
+            offsets = torch.linspace(-ratio_step, ratio_step, 11, dtype=torch.float64)
+            factors = (factor[None] * spread.repeat_interleave(11)[:, None]).contiguous()
+            ratios = (ratio[None] + offsets.repeat(9)[:, None]).contiguous()
+            factor, ratio, _ = best(factors, ratios)
+            step, ratio_step = step**0.25, ratio_step / 5
+        range_max = factor * top
+        return PiecewiseGrid(
+            range_max.float(), (ratio * range_max)[:, None].float(), bits, form, signed
+        )
+    factor, _, breakpoints = best(coarse[:, None].expand(-1, channels).contiguous(), None)
+    for _ in range(2):
+        spread = step ** torch.linspace(-1, 1, 9, dtype=torch.float64)
+        factor, _, breakpoints = best(factor[None] * spread[:, None], None)
+        step = step**0.25
+    range_max = factor * top
     return PiecewiseGrid(range_max.float(), breakpoints.float(), bits, form, signed)
 
 
@@ -551,3 +707,20 @@ def bias_correction(
     else:
         gain = torch.ones(rows.shape[0], dtype=torch.float64)
     return shift.float(), gain.float()
+
+
+def row_errors(grid: PiecewiseGrid, rows: torch.Tensor, corrected: bool = False) -> torch.Tensor:
+    """``||ŵ - w||²`` per row of ``rows`` ``[..., C, N]`` on ``grid``; with ``corrected``,
+    ``ŵ`` after ``bias_correction`` (what the model then uses). ``[..., C]``, float64."""
+    quantized = grid.quantize_rows(rows.detach()).detach()
+    if corrected:
+        values = quantized.double()
+        shift = rows.double().mean(dim=-1, keepdim=True) - values.mean(dim=-1, keepdim=True)
+        if rows.shape[-1] > 1:
+            gain = rows.double().std(dim=-1, keepdim=True) / (
+                values.std(dim=-1, keepdim=True) + 1e-12
+            )
+        else:
+            gain = torch.ones_like(shift)
+        return ((values + shift) * gain - rows.double()).square().sum(dim=-1)
+    return (quantized - rows).square().sum(dim=-1).double()

@@ -17,17 +17,25 @@ class PiecewiseSpec:
 
     ``form``: paper (eq. 3), non-overlapping (the official code's) or overlapping.
     ``breakpoints``: per side, 1 (the paper) to 3 (supplement eq. 1).
-    ``search``: approx (closed form), bisection (eq. 6) or grid (coarse-to-fine on L2 error);
-    activations keep a histogram, not samples, so for them grid means bisection.
+    ``search``: auto (default: per channel the better of approx and a coarse-to-fine search,
+    judged by the weight error after +BC when it is on), approx (closed form), bisection
+    (eq. 6) or grid (coarse-to-fine on L2 error). Activations: auto and grid search the clip
+    range and the breakpoints jointly on the calibration histogram; approx and bisection keep
+    the estimator's range and put the breakpoints on it.
     ``distribution``: gaussian, laplacian or empirical, for approx and bisection.
     ``bias_correction``: the paper's "+BC" on weights (per-channel mean and std).
+    ``split_above``: weights only (ours, not the paper's): a layer whose relative squared
+    weight error ``||ŵ - w||² / ||w||²`` with ``breakpoints`` per side is above this gets one
+    more breakpoint per side (supplement eq. 1), paying one more region bit per weight; 0
+    (default): never. Heavy-tailed layers are the ones a single breakpoint leaves coarse.
     """
 
     form: str = "non-overlapping"
     breakpoints: int = 1
-    search: str = "approx"
+    search: str = "auto"
     distribution: str = "gaussian"
     bias_correction: bool = False
+    split_above: float = 0.0
 
     def __post_init__(self) -> None:
         from qpp.quant.pwl import DISTRIBUTIONS, FORMS, MAX_BREAKPOINTS, SEARCHES
@@ -41,6 +49,11 @@ class PiecewiseSpec:
         if not isinstance(self.breakpoints, int) or not 1 <= self.breakpoints <= MAX_BREAKPOINTS:
             raise ConfigError(
                 f"PWLQ takes 1 to {MAX_BREAKPOINTS} breakpoints per side, got {self.breakpoints!r}"
+            )
+        if not isinstance(self.split_above, (int, float)) or not 0 <= self.split_above < 1:
+            raise ConfigError(
+                f"PWLQ split_above is a relative squared error in [0, 1), got "
+                f"{self.split_above!r}; e.g. 0.015 splits layers above 1.5 %"
             )
         if self.search == "approx" and self.distribution == "empirical":
             raise ConfigError(

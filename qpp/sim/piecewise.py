@@ -3,7 +3,8 @@
 Weights: ``m = max|w|`` per channel and the breakpoints of ``spec.piecewise`` (closed form,
 bisection or grid search), optionally the paper's bias correction. Activations: the range from
 the spec's estimator (signed ``[-m, m]`` if it goes below zero, else one-sided ``[0, m]``, as
-PWLQ §5), the breakpoints from a histogram of the calibration data.
+PWLQ §5), the breakpoints from a histogram of the calibration data; or (search auto, grid)
+the range and the breakpoints searched together on that histogram.
 
 The inherited ``scale`` buffer holds each channel's centre step (zero point 0), so code that
 reads a scale per channel still works; the grid is in ``range_max`` and ``breakpoints``.
@@ -19,12 +20,15 @@ from qpp.errors import ConfigError, EncodingsError
 from qpp.quant.affine import IntegerTensor, broadcast_shape
 from qpp.quant.observers import HistogramObserver, channels_first
 from qpp.quant.pwl import (
+    MAX_BREAKPOINTS,
     HistogramMagnitude,
     PiecewiseGrid,
     approximate_breakpoint,
     bias_correction,
     bisection_breakpoints,
     choose_breakpoints,
+    joint_histogram_search,
+    row_errors,
 )
 from qpp.quant.ranges import activation_range
 from qpp.quant.spec import PiecewiseSpec, QuantSpec
@@ -65,17 +69,28 @@ class PiecewiseQuantizer(Quantizer):
     # --- encodings ----------------------------------------------------------------------------
 
     def compute_weight_encoding(self, weight: torch.Tensor) -> None:
-        """``m = max|w|`` and the breakpoints per channel; then "+BC" if the spec asks."""
+        """``m = max|w|`` and the breakpoints per channel; one more breakpoint per side while
+        the relative error is above ``split_above``; then "+BC" if the spec asks."""
         rows = channels_first(weight, self.axis)
         settings = self.settings
-        grid = choose_breakpoints(
-            rows,
-            self.spec.bits,
-            settings.form,
-            settings.breakpoints,
-            settings.search,
-            settings.distribution,
-        )
+        count = settings.breakpoints
+        norm = float(rows.double().square().sum().clamp(min=1e-30))
+        while True:
+            grid = choose_breakpoints(
+                rows,
+                self.spec.bits,
+                settings.form,
+                count,
+                settings.search,
+                settings.distribution,
+                bias_correction=settings.bias_correction,
+            )
+            if settings.split_above <= 0 or count >= MAX_BREAKPOINTS:
+                break
+            error = float(row_errors(grid, rows.float(), settings.bias_correction).sum()) / norm
+            if error <= settings.split_above:
+                break
+            count += 1
         shift = gain = torch.zeros(0)
         if settings.bias_correction:
             shift, gain = bias_correction(rows, grid.quantize_rows(rows))
@@ -88,16 +103,34 @@ class PiecewiseQuantizer(Quantizer):
             self._statistics["histogram"] = HistogramObserver(self.axis)
 
     def compute_encoding(self) -> None:
-        """The estimator's range and, from the histogram, the breakpoints (eq. 6 on its CDF,
-        or the closed form with σ the data's root mean square)."""
-        lo, hi = activation_range(self._statistics, self.spec.estimator, super().grid)
+        """Search ``auto`` or ``grid``: the range and the breakpoints together on the
+        calibration histogram (``joint_histogram_search``). ``approx``, ``bisection``: the
+        estimator's range and, from the histogram, the breakpoints (eq. 6 on its CDF, or the
+        closed form with σ the data's root mean square)."""
         histogram = self._statistics["histogram"]
         assert isinstance(histogram, HistogramObserver) and histogram.counts is not None
+        settings = self.settings
+        if settings.search in ("auto", "grid"):
+            assert histogram.lo is not None and histogram.hi is not None
+            signed = bool((histogram.lo < 0).any())
+            grid = joint_histogram_search(
+                histogram.counts,
+                histogram.lo,
+                histogram.hi,
+                self.spec.bits,
+                settings.form,
+                signed,
+                settings.breakpoints,
+            )
+            self.signed = signed
+            self.set_piecewise(grid, torch.zeros(0), torch.zeros(0))
+            self._statistics = {}
+            return
+        lo, hi = activation_range(self._statistics, self.spec.estimator, super().grid)
         signed = bool((lo < 0).any())
         range_max = torch.maximum(-lo, hi) if signed else hi
         range_max = range_max.reshape(-1).double().clamp(min=1e-8)
         magnitude = HistogramMagnitude(histogram.counts, histogram.lo, histogram.hi, signed)
-        settings = self.settings
         if settings.search == "approx" and settings.breakpoints == 1:
             rms = magnitude.rms.clamp(min=1e-12)
             breakpoint_ = approximate_breakpoint(range_max / rms, settings.distribution) * rms
@@ -158,6 +191,11 @@ class PiecewiseQuantizer(Quantizer):
             ) from None
         channels = self.scale.numel()
         expected = (channels, self.settings.breakpoints)
+        counts = range(self.settings.breakpoints, MAX_BREAKPOINTS + 1)
+        split = self.settings.split_above > 0 and self.kind is QuantizerKind.WEIGHT
+        shape_ok = breakpoints.ndim == 2 and breakpoints.shape[0] == channels
+        if split and shape_ok and breakpoints.shape[1] in counts:
+            expected = (channels, breakpoints.shape[1])
         if range_max.numel() != channels or tuple(breakpoints.shape) != expected:
             raise EncodingsError(
                 f"PWLQ encoding of '{self.name}' has {range_max.numel()} ranges and breakpoints "
@@ -212,14 +250,20 @@ class PiecewiseQuantizer(Quantizer):
 
     @property
     def bits_per_element(self) -> int:
-        """``b`` bits per value plus the region index: one bit for one breakpoint (paper §4)."""
-        return self.spec.bits + math.ceil(math.log2(self.settings.breakpoints + 1))
+        """``b`` bits per value plus the region index: one bit for one breakpoint (paper §4),
+        two for two or three (this quantizer's own count, which ``split_above`` may raise)."""
+        return self.spec.bits + math.ceil(math.log2(self.breakpoint_count + 1))
+
+    @property
+    def breakpoint_count(self) -> int:
+        """Breakpoints per side of this quantizer's grid (the spec's until it is encoded)."""
+        return max(self.breakpoints.shape[1], self.settings.breakpoints)
 
     def storage_bytes(self, weight: torch.Tensor) -> int:
         """Values at ``bits_per_element`` plus, per channel, each piece's float scale and each
         tail's float offset (and the correction's two floats)."""
-        pieces = self.settings.breakpoints + 1
-        floats = pieces + self.settings.breakpoints + (2 if self.settings.bias_correction else 0)
+        pieces = self.breakpoint_count + 1
+        floats = pieces + self.breakpoint_count + (2 if self.settings.bias_correction else 0)
         return (
             weight.numel() * self.bits_per_element + 7
         ) // 8 + self.range_max.numel() * floats * 4

@@ -57,3 +57,33 @@ def test_pwlq_flags_without_pwlq_are_user_errors(qpp, user_error) -> None:
         "non-overlapping",
     )
     user_error(qpp("quantize", "digits-cnn", "--weight-quantizer", "pwl"), "pwl", "uniform")
+    user_error(qpp("quantize", "digits-cnn", "--split-above", "0.01"), "--split-above", "pwlq")
+    user_error(
+        qpp("quantize", "digits-cnn", "--weight-quantizer", "pwlq", "--split-above", "2"),
+        "split_above",
+        "0.015",
+    )
+
+
+def test_split_layers_pay_their_region_bits_and_export_with_parity(qpp, tmp_path: Path) -> None:
+    """``--split-above``: the default search is auto; layers split to more breakpoints store
+    more region bits, and their extra branches still sum to the simulation in ORT."""
+    folder = tmp_path / "split"
+    result = qpp(
+        "quantize", "digits-cnn", "--weights", "3", "--weight-quantizer", "pwlq",
+        "--split-above", "0.002", "--json", "--quiet", "--out", folder,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["config"]["piecewise"]["search"] == "auto"
+    encodings = json.loads((folder / "encodings.json").read_text())
+    counts = [
+        len(e["piecewise"]["breakpoints"][0]) for e in encodings.values() if e["kind"] == "weight"
+    ]
+    assert max(counts) >= 2
+    assert 4 < report["weight_bits_per_element"] <= 5
+    exported = qpp(
+        "export", folder, "--onnx", tmp_path / "split.onnx", "--check", "--json", "--quiet"
+    )
+    assert exported.exit_code == 0, exported.output
+    assert json.loads(exported.stdout)["parity"]["passed"]

@@ -200,3 +200,31 @@ def test_bad_pwlq_settings_are_config_errors() -> None:
         QuantConfig.from_dict({"piecewise": {"breakpoint": 2}})
     spec = QuantSpec(bits=4, piecewise=PiecewiseSpec(breakpoints=2))
     assert QuantSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+
+
+def test_split_above_gives_the_coarse_layers_one_more_breakpoint(
+    model: nn.Module, data: list, pwlq_w4: QuantizedModel
+) -> None:
+    """Layers whose relative weight error with one breakpoint is above ``split_above`` get two
+    (and pay a second region bit); the others keep one; the mixed encoding reloads."""
+    errors = {}
+    for quantizer, weight in pwlq_w4.weight_quantizers():
+        rows = channels_first(weight.detach(), quantizer.axis)
+        grid = quantizer.grid
+        errors[quantizer.name] = float(pwl.row_errors(grid, rows).sum() / rows.square().sum())
+    threshold = sorted(errors.values())[len(errors) // 2 - 1] * 1.0001
+    config = QuantConfig(
+        weight_bits=4, weight_quantizer="pwlq", piecewise=PiecewiseSpec(split_above=threshold)
+    )
+    split = quantize(model, data, config)
+    counts = {q.name: q.breakpoints.shape[1] for q, _ in split.weight_quantizers()}
+    assert counts == {name: 1 if e <= threshold else 2 for name, e in errors.items()}
+    assert set(counts.values()) == {1, 2}
+    sizes = {q.name: w.numel() for q, w in split.weight_quantizers()}
+    expected = sum(sizes[n] * (5 if c == 1 else 6) for n, c in counts.items()) / sum(sizes.values())
+    assert weight_bits_per_element(split) == pytest.approx(expected, abs=1e-3)
+    rebuilt = prepare(model, data[0], config)
+    rebuilt.load_encodings(json.loads(json.dumps(split.encodings())))
+    assert torch.equal(run(rebuilt, data), run(split, data))
+    with pytest.raises(ConfigError, match="split_above"):
+        PiecewiseSpec(split_above=1.5)
