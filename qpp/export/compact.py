@@ -177,3 +177,169 @@ def short_value_names(proto: Any) -> None:
     for value in graph.value_info:
         if value.name in renamed:
             value.name = renamed[value.name]
+
+
+def _producers(graph: Any) -> dict[str, Any]:
+    return {name: node for node in graph.node for name in node.output}
+
+
+def _users(graph: Any) -> dict[str, list[Any]]:
+    found: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            found.setdefault(name, []).append(node)
+    return found
+
+
+def _constant_array(graph: Any, producers: dict[str, Any], name: str) -> np.ndarray | None:
+    for initializer in graph.initializer:
+        if initializer.name == name:
+            return numpy_helper.to_array(initializer)
+    node = producers.get(name)
+    if node is not None and node.op_type == "Constant" and node.attribute:
+        attribute = node.attribute[0]
+        if attribute.name == "value":
+            return numpy_helper.to_array(attribute.t)
+        if attribute.name == "value_float":
+            return np.array(attribute.f, dtype=np.float32)
+    return None
+
+
+def _requantized(value: str, users: dict[str, list[Any]], outputs: set[str]) -> bool:
+    """True when ``value`` (through Relu/Clip) goes only into QuantizeLinear nodes."""
+    while value not in outputs:
+        found = users.get(value, [])
+        if not found:
+            return False
+        if all(node.op_type == "QuantizeLinear" for node in found):
+            return True
+        if len(found) != 1 or found[0].op_type not in ("Relu", "Clip"):
+            return False
+        value = found[0].output[0]
+    return False
+
+
+def exact_scalar_operands(proto: Any) -> int:
+    """Give the scalar constant of an Add/Mul whose other operand is dequantized and whose
+    result is requantized a one-value grid that holds it exactly: ``c = s (q - z)`` with
+    ``s = |c|``, ``q - z = ±1``. ORT then fuses the op into QLinearAdd / QLinearMul (it needs
+    every operand dequantized); the float value is unchanged. Returns how many were written."""
+    graph = proto.graph
+    producers, users = _producers(graph), _users(graph)
+    outputs = {value.name for value in graph.output}
+    initializers = {t.name: t for t in graph.initializer}
+    written = 0
+    for node in list(graph.node):
+        if node.op_type not in ("Add", "Mul") or len(node.input) != 2:
+            continue
+        dequantized = [producers.get(name) for name in node.input]
+        kinds = [p is not None and p.op_type == "DequantizeLinear" for p in dequantized]
+        if sum(kinds) != 1 or not _requantized(node.output[0], users, outputs):
+            continue
+        index = kinds.index(False)
+        constant = _constant_array(graph, producers, node.input[index])
+        if constant is None or constant.size != 1 or constant.dtype != np.float32:
+            continue
+        value = float(constant.reshape(-1)[0])
+        if value == 0.0:
+            continue
+        source = dequantized[1 - index]
+        zero_point = initializers.get(source.input[2]) if len(source.input) > 2 else None
+        signed = zero_point is not None and zero_point.data_type == onnx.TensorProto.INT8
+        dtype = np.int8 if signed or zero_point is None else np.uint8
+        if dtype == np.int8:
+            integer, zero = (1 if value > 0 else -1), 0
+        else:
+            integer, zero = (1, 0) if value > 0 else (0, 1)
+        stem = f"{node.output[0]}_c"
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.full(constant.shape, integer, dtype), f"{stem}q"),
+                numpy_helper.from_array(np.array(abs(value), np.float32), f"{stem}s"),
+                numpy_helper.from_array(np.array(zero, dtype), f"{stem}z"),
+            ]
+        )
+        dequantize = onnx.helper.make_node(
+            "DequantizeLinear", [f"{stem}q", f"{stem}s", f"{stem}z"], [f"{stem}"]
+        )
+        position = list(graph.node).index(node)
+        graph.node.insert(position, dequantize)
+        node.input[index] = stem
+        written += 1
+    _drop_unused(graph)
+    return written
+
+
+def gathered_embeddings(proto: Any) -> int:
+    """``Gather(DequantizeLinear(table), indices)`` becomes the gather of the integer rows,
+    dequantized after: the same values, without dequantizing the whole table on every run
+    (MiniLM's 30,522 x 384 word embeddings). Per-row scales (axis 0) are gathered with the rows.
+    Returns how many were rewritten."""
+    graph = proto.graph
+    producers, users = _producers(graph), _users(graph)
+    initializers = {t.name: t for t in graph.initializer}
+    rewritten = 0
+    for gather in list(graph.node):
+        if gather.op_type != "Gather":
+            continue
+        if any(a.name == "axis" and a.i != 0 for a in gather.attribute):
+            continue
+        dequantize = producers.get(gather.input[0])
+        if dequantize is None or dequantize.op_type != "DequantizeLinear":
+            continue
+        if dequantize.input[0] not in initializers or len(users[dequantize.output[0]]) != 1:
+            continue
+        table = initializers[dequantize.input[0]]
+        scale = numpy_helper.to_array(initializers[dequantize.input[1]])
+        axis = next((a.i for a in dequantize.attribute if a.name == "axis"), 1)
+        stem, indices = gather.output[0], gather.input[1]
+        rows = onnx.helper.make_node("Gather", [table.name, indices], [f"{stem}_q"])
+        if scale.size == 1:
+            new = [
+                rows,
+                onnx.helper.make_node(
+                    "DequantizeLinear", [f"{stem}_q", *dequantize.input[1:]], [stem]
+                ),
+            ]
+        elif axis % len(table.dims) == 0:
+            new = [
+                rows,
+                onnx.helper.make_node(
+                    "Cast", [f"{stem}_q"], [f"{stem}_f"], to=onnx.TensorProto.FLOAT
+                ),
+            ]
+            shifted = f"{stem}_f"
+            zero_name = dequantize.input[2] if len(dequantize.input) > 2 else ""
+            if zero_name and np.any(numpy_helper.to_array(initializers[zero_name]) != 0):
+                new += [
+                    onnx.helper.make_node("Gather", [zero_name, indices], [f"{stem}_zq"]),
+                    onnx.helper.make_node(
+                        "Cast", [f"{stem}_zq"], [f"{stem}_z"], to=onnx.TensorProto.FLOAT
+                    ),
+                    onnx.helper.make_node("Sub", [f"{stem}_f", f"{stem}_z"], [f"{stem}_d"]),
+                ]
+                shifted = f"{stem}_d"
+            graph.initializer.append(
+                numpy_helper.from_array(np.array([-1], np.int64), f"{stem}_axes")
+            )
+            new += [
+                onnx.helper.make_node("Gather", [dequantize.input[1], indices], [f"{stem}_s"]),
+                onnx.helper.make_node("Unsqueeze", [f"{stem}_s", f"{stem}_axes"], [f"{stem}_su"]),
+                onnx.helper.make_node("Mul", [shifted, f"{stem}_su"], [stem]),
+            ]
+        else:
+            continue
+        position = list(graph.node).index(gather)
+        for offset, node in enumerate(new):
+            graph.node.insert(position + offset, node)
+        graph.node.remove(gather)
+        graph.node.remove(dequantize)
+        rewritten += 1
+    _drop_unused(graph)
+    return rewritten
+
+
+def _drop_unused(graph: Any) -> None:
+    used = {name for node in graph.node for name in node.input}
+    for initializer in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(initializer)

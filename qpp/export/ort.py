@@ -31,6 +31,13 @@ INTEGER_KERNELS = frozenset(
         "DynamicQuantizeMatMul",
         "QAttention",
         "DynamicQuantizeLSTM",
+        "QLinearAdd",
+        "QLinearMul",
+        "QLinearSoftmax",
+        "QLinearGlobalAveragePool",
+        "QLinearAveragePool",
+        "QLinearConcat",
+        "QLinearSigmoid",
     }
 )
 #: Float ops that do the same work, left over where a fusion did not happen.
