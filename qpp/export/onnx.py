@@ -34,11 +34,13 @@ from torch.fx import GraphModule, Node
 
 from qpp.errors import ConfigError, OutputExistsError, UnsupportedOpError
 from qpp.export.compact import (
+    drop_default_conv_attributes,
     drop_zero_zero_points,
     exact_scalar_operands,
     gathered_embeddings,
     global_average_pools,
     hard_swishes,
+    narrow_int32_biases,
     short_value_names,
 )
 from qpp.export.isa import CpuIsa, WeightFormat, detect_isa
@@ -419,6 +421,8 @@ def onnx_graph(
     exact_scalar_operands(proto)
     gathered_embeddings(proto)
     drop_zero_zero_points(proto)
+    narrow_int32_biases(proto)
+    drop_default_conv_attributes(proto)
     short_value_names(proto)
     return proto
 
@@ -508,6 +512,7 @@ def _strip_metadata(proto: object) -> None:
     shapes: a third of a small model's file, and nothing ONNX Runtime needs."""
     graph = proto.graph  # type: ignore[attr-defined]
     del graph.value_info[:]  # intermediate shapes: ORT infers them again
+    del graph.metadata_props[:]  # the exporter's ExportedProgram signature: 37 KB on ppocr-cls
     for node in graph.node:
         del node.metadata_props[:]
     for value in [*graph.input, *graph.output, *graph.initializer]:
