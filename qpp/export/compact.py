@@ -290,7 +290,9 @@ def gathered_embeddings(proto: Any) -> int:
         if dequantize.input[0] not in initializers or len(users[dequantize.output[0]]) != 1:
             continue
         table = initializers[dequantize.input[0]]
-        scale = numpy_helper.to_array(initializers[dequantize.input[1]])
+        scale = _constant_array(graph, producers, dequantize.input[1])
+        if scale is None:
+            continue
         axis = next((a.i for a in dequantize.attribute if a.name == "axis"), 1)
         stem, indices = gather.output[0], gather.input[1]
         rows = onnx.helper.make_node("Gather", [table.name, indices], [f"{stem}_q"])
@@ -310,7 +312,10 @@ def gathered_embeddings(proto: Any) -> int:
             ]
             shifted = f"{stem}_f"
             zero_name = dequantize.input[2] if len(dequantize.input) > 2 else ""
-            if zero_name and np.any(numpy_helper.to_array(initializers[zero_name]) != 0):
+            zero = _constant_array(graph, producers, zero_name) if zero_name else 0
+            if zero is None:
+                continue  # a zero point computed at run time: leave the gather as it is
+            if np.any(zero != 0):
                 new += [
                     onnx.helper.make_node("Gather", [zero_name, indices], [f"{stem}_zq"]),
                     onnx.helper.make_node(
