@@ -2,12 +2,13 @@
 
 For each zoo model (small data, as ``ort_compare.py --quick``):
 
-* ``quantize_job`` at W8A8 (``QuantConfig()``) and at W7A8 (``weight_bits=7``);
+* ``quantize_job`` at W7A8 (``weight_bits=7``, the exact fast u8s8 path on CPUs without VNNI)
+  with the ``runtime`` and the ``runtime-int8-eltwise`` placement policies;
 * ``export_run`` of both with ``--check``: ORT (all graph optimizations) against the simulation
-  on the evaluation set, per output in steps and by task metric; the integer kernels ORT's
-  optimized graph holds;
+  on the evaluation set, per output in steps and by task metric, and teacher-forced on every
+  quantized tensor (``qpp.export.teacher``); the integer kernels ORT's optimized graph holds;
 * ``bench_job``: ORT latency, batch 1 and 32, ``--threads`` intra-op threads (default 2),
-  round-robin medians, of FP32, qpp W8A8, qpp W7A8 and ORT's own ``quantize_static`` int8 model
+  round-robin medians, of FP32, both qpp variants and ORT's own ``quantize_static`` int8 model
   of the same FP32 ONNX (with and without ``reduce_range``); sizes on disk.
 
 The table goes to stdout and into ``docs/benchmarks.md`` between
@@ -34,10 +35,15 @@ from ort_compare import MODELS, QUICK_SIZES, log, machine_line, make_entry
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "benchmarks.md"
 START_MARK, END_MARK = "<!-- export_latency:start -->", "<!-- export_latency:end -->"
-W7 = "qpp int8 W7A8"
+#: (label, weight bits, placement policy) of the qpp variants; the first is ``bench_job``'s own.
+VARIANTS = (
+    ("W7A8 runtime", 7, "runtime"),
+    ("W7A8 runtime-int8-eltwise", 7, "runtime-int8-eltwise"),
+)
+ELTWISE = "qpp int8 W7A8 runtime-int8-eltwise"
 
 
-def quantize(entry, folder: Path, weight_bits: int):
+def quantize(entry, folder: Path, weight_bits: int, policy: str):
     """``quantize_job`` on ``entry``'s (small) data, saved to ``folder``."""
     import qpp.pipeline
     from qpp.sim.config import QuantConfig
@@ -46,7 +52,7 @@ def quantize(entry, folder: Path, weight_bits: int):
     with mock.patch.object(qpp.pipeline, "resolve_source", lambda spec: entry):
         return qpp.pipeline.quantize_job(
             SourceSpec(entry.name),
-            QuantConfig(weight_bits=weight_bits),
+            QuantConfig(weight_bits=weight_bits, policy=policy),
             folder,
             show_progress=False,
         )
@@ -76,16 +82,15 @@ def measure_model(name: str, root: Path, seconds: float, threads: int) -> dict:
     fp32 = entry.load_model()
     row: dict = {"model": name, "primary": entry.primary_metric, "variants": {}}
     paths = {}
-    for bits in (8, 7):
-        label = f"W{bits}A8"
+    for label, bits, policy in VARIANTS:
         log(f"{name}: quantize {label}")
-        result, quantized = quantize(entry, root / f"{name}-w{bits}", bits)
+        result, quantized = quantize(entry, root / f"{name}-{policy}", bits, policy)
         log(f"{name}: export {label} and check parity")
-        path = root / f"{name}-w{bits}.onnx"
+        path = root / f"{name}-{policy}.onnx"
         start = time.perf_counter()
         report, kernels, parity = export_run(quantized, entry, path, False, True, fp32)
         seconds_taken = time.perf_counter() - start
-        paths[bits] = path
+        paths[policy] = path
         row["variants"][label] = {
             "fp32": result.metrics["fp32"][entry.primary_metric],
             "float_bias": float_bias_metric(quantized, entry, fp32),
@@ -98,7 +103,10 @@ def measure_model(name: str, root: Path, seconds: float, threads: int) -> dict:
         del quantized
     log(f"{name}: latency")
     bench = bench_job(
-        root / f"{name}-w8", time_budget_s=seconds, extra_models={W7: paths[7]}, threads=threads
+        root / f"{name}-{VARIANTS[0][2]}",
+        time_budget_s=seconds,
+        extra_models={ELTWISE: paths[VARIANTS[1][2]]},
+        threads=threads,
     )
     row["bench"] = bench
     return row
@@ -117,8 +125,9 @@ def model_table(row: dict) -> str:
         f"### {row['model']}",
         "",
         f"| variant | {primary} sim | {primary} ORT | |diff| | max steps (output: grid) "
+        f"| teacher-forced max steps (tensors, differing) "
         f"| {primary} sim, float biases | integer kernels (float left) | export s |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, variant in row["variants"].items():
         parity = variant["parity"]
@@ -128,11 +137,18 @@ def model_table(row: dict) -> str:
         )
         kernels = ", ".join(f"{op} {n}" for op, n in variant["kernels"].integer.items())
         left = ", ".join(f"{op} {n}" for op, n in variant["kernels"].float_compute.items())
+        teacher = parity.teacher
+        forced = (
+            f"{teacher.max_steps} ({len(teacher.tensors)}, {teacher.differing_fraction:.1e})"
+            if teacher is not None
+            else "-"
+        )
         lines.append(
             f"| qpp {label} ({variant['export'].weight_format} weights) "
             f"| {fmt(parity.simulated_metrics[primary])} "
             f"| {fmt(parity.onnxruntime_metrics[primary])} | {parity.metric_difference:.3f} "
-            f"| {steps} | {fmt(variant['float_bias'])} ({variant['int32_biases']} biases) "
+            f"| {steps} | {forced} "
+            f"| {fmt(variant['float_bias'])} ({variant['int32_biases']} biases) "
             f"| {kernels}{f' ({left})' if left else ''} | {variant['seconds']:.0f} |"
         )
     lines += [
@@ -141,10 +157,10 @@ def model_table(row: dict) -> str:
         "| x FP32 | x ORT int8 (b1 / b32) | MB | x FP32 size |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    labels = [FP32, QPP, W7, ORT_INT8, ORT_INT8_REDUCED]
+    labels = [FP32, QPP, ELTWISE, ORT_INT8, ORT_INT8_REDUCED]
     for label in labels:
         latency = bench.latency[label]
-        cells = [label + (" W8A8" if label == QPP else "")]
+        cells = [label + (f" {VARIANTS[0][0]}" if label == QPP else "")]
         for batch in (1, 32):
             cells += [f"{latency[batch].median_ms:.3f}", f"{bench.ratio(label, batch, FP32):.3f}"]
         cells.append(
@@ -168,9 +184,12 @@ Parity: the exported file in ONNX Runtime (all graph optimizations, so the fused
 kernels run) against qpp's simulation on the evaluation set. "max steps" is the largest
 difference per output in steps of the output's grid: the quantizer's scale for a quantized
 output, (max - min) / 255 of the simulated output for a float one (all zoo outputs are float:
-logits, probabilities, embeddings). On this CPU (no VNNI) 8-bit weights are stored as uint8
-shifted by 128 (ORT's exact u8u8 kernels); 7-bit weights as int8 (u8s8 kernels, which cannot
-saturate with 7-bit weights). Latency: medians of round-robin `session.run` calls on the same
+logits, probabilities, embeddings); "teacher-forced": every activation quantizer's integers as
+ORT computes them when each op is fed the simulation's integer inputs (`qpp.export.teacher`),
+so one float tie does not cascade: the largest difference in steps, how many tensors, and the
+share of values that differ. On this CPU (no VNNI) 7-bit weights are stored as int8 (ORT's u8s8
+kernels, which cannot saturate with 7-bit weights; 8-bit weights would be uint8 shifted by 128
+for the exact u8u8 kernels). Latency: medians of round-robin `session.run` calls on the same
 evaluation samples (batch 32: the first 32), `--threads` intra-op threads per session (the
 table says how many); the machine is shared, so
 ratios within one model's table are comparable, absolute times less so. ORT int8:

@@ -132,7 +132,11 @@ def quantize(
         typer.Option(help="minmax, mse[:p], percentile[:P], entropy, topk-median, cross-entropy"),
     ] = "mse",
     policy: Annotated[
-        str, typer.Option(help="runtime (where an int8 runtime computes) or full")
+        str,
+        typer.Option(
+            help="runtime (where an int8 runtime computes), runtime-int8-eltwise (also "
+            "Add/Mul/Softmax read by integer ops, as ORT's quantize_static) or full"
+        ),
     ] = "runtime",
     fold_bn: Annotated[
         bool, typer.Option("--fold-bn/--no-fold-bn", help="fold batch norms")

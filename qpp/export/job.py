@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from qpp.api import limit_samples, run
-from qpp.export.isa import CpuIsa, detect_isa
+from qpp.export.isa import CpuIsa, WeightFormat, detect_isa
 from qpp.export.onnx import (
     ExportReport,
     check_output_path,
@@ -33,6 +33,7 @@ from qpp.export.ort import (
     run_session,
 )
 from qpp.export.piecewise import check_piecewise_export
+from qpp.export.teacher import teacher_forced_parity
 from qpp.pipeline import rebuild_run
 from qpp.sim.model import QuantizedModel
 from qpp.zoo.base import Batch, ZooEntry
@@ -103,6 +104,13 @@ def export_run(
             entry.primary_metric,
         )
         parity.kernels = kernels
+        parity.teacher = teacher_forced_parity(
+            quantized,
+            evaluation.batches,
+            names,
+            WeightFormat(report.weight_format),
+            piecewise,
+        )
     return report, kernels, parity
 
 

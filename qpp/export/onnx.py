@@ -34,9 +34,13 @@ from torch.fx import GraphModule, Node
 
 from qpp.errors import ConfigError, OutputExistsError, UnsupportedOpError
 from qpp.export.compact import (
+    drop_default_conv_attributes,
     drop_zero_zero_points,
+    exact_scalar_operands,
+    gathered_embeddings,
     global_average_pools,
     hard_swishes,
+    narrow_int32_biases,
     short_value_names,
 )
 from qpp.export.isa import CpuIsa, WeightFormat, detect_isa
@@ -57,6 +61,8 @@ from qpp.sim.quantizer import Mode, Quantizer, QuantizerKind
 #: narrower encodings live in an 8-bit container (their values stay on their own grid).
 MAX_EXPORT_BITS = 8
 _decomposed = None
+#: Meta key of an activation's quantize op: the name of the simulation's quantizer node.
+QUANTIZER_NODE = "qpp_quantizer_node"
 SHIFTED_NOTE = (
     "8-bit weights are stored as uint8 shifted by 128 (the same grid), so ONNX Runtime runs its "
     "exact u8u8 kernels on this CPU, whose u8s8 kernels saturate (no VNNI); quantize with "
@@ -297,6 +303,7 @@ def _lower_activation(lowered: _Lowered, node: Node, quantizer: Quantizer, value
             ops.dequantize_per_tensor.default,  # type: ignore[attr-defined]
             (quantized, scale, zero_point, qmin, qmax, dtype),
         )
+    quantized.meta[QUANTIZER_NODE] = node.name
     output.meta = dict(node.meta)
     return output
 
@@ -378,13 +385,7 @@ def export_onnx(
     lowered = _lower(model, weight_format, piecewise)
     inputs = tuple(example_inputs)
     names = list(input_names) if input_names else [f"input{i}" for i in range(len(inputs))]
-    proto = _torch_export(lowered.graph_module, inputs, names)
-    global_average_pools(proto)
-    hard_swishes(proto)
-    _strip_metadata(proto)
-    integer_branch_convs(proto)
-    drop_zero_zero_points(proto)
-    short_value_names(proto)
+    proto = onnx_graph(lowered.graph_module, inputs, names)
     import onnx
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -402,6 +403,28 @@ def export_onnx(
         notes=_notes(model, weight_format) + piecewise_note(lowered.piecewise_branches),
         piecewise_branches=lowered.piecewise_branches,
     )
+
+
+def onnx_graph(
+    lowered: GraphModule,
+    inputs: tuple[torch.Tensor, ...],
+    names: list[str],
+    dynamic_batch: bool = True,
+) -> object:
+    """The ``ModelProto`` of a lowered graph (``lower_quantizers``), with the rewrites that make
+    ORT run it faster and the file smaller (``qpp.export.compact``)."""
+    proto = _torch_export(lowered, inputs, names, dynamic_batch)
+    global_average_pools(proto)
+    hard_swishes(proto)
+    _strip_metadata(proto)
+    integer_branch_convs(proto)
+    exact_scalar_operands(proto)
+    gathered_embeddings(proto)
+    drop_zero_zero_points(proto)
+    narrow_int32_biases(proto)
+    drop_default_conv_attributes(proto)
+    short_value_names(proto)
+    return proto
 
 
 def _notes(model: QuantizedModel, weight_format: WeightFormat) -> list[str]:
@@ -432,7 +455,10 @@ def export_float_onnx(
 
 
 def _torch_export(
-    model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str]
+    model: torch.nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    names: list[str],
+    dynamic_batch: bool = True,
 ) -> object:
     """``torch.onnx.export`` (dynamo) to an in-memory ``ModelProto``; a failure names the op."""
     batch = torch.export.Dim("batch")
@@ -448,6 +474,8 @@ def _torch_export(
         ):
             warnings.simplefilter("ignore")
             try:
+                if not dynamic_batch:
+                    raise ValueError("static shapes asked for")
                 program = torch.onnx.export(
                     model, inputs, dynamo=True, input_names=names, dynamic_shapes=dynamic
                 )
@@ -484,6 +512,7 @@ def _strip_metadata(proto: object) -> None:
     shapes: a third of a small model's file, and nothing ONNX Runtime needs."""
     graph = proto.graph  # type: ignore[attr-defined]
     del graph.value_info[:]  # intermediate shapes: ORT infers them again
+    del graph.metadata_props[:]  # the exporter's ExportedProgram signature: 37 KB on ppocr-cls
     for node in graph.node:
         del node.metadata_props[:]
     for value in [*graph.input, *graph.output, *graph.initializer]:

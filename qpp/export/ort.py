@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +32,13 @@ INTEGER_KERNELS = frozenset(
         "DynamicQuantizeMatMul",
         "QAttention",
         "DynamicQuantizeLSTM",
+        "QLinearAdd",
+        "QLinearMul",
+        "QLinearSoftmax",
+        "QLinearGlobalAveragePool",
+        "QLinearAveragePool",
+        "QLinearConcat",
+        "QLinearSigmoid",
     }
 )
 #: Float ops that do the same work, left over where a fusion did not happen.
@@ -128,6 +136,8 @@ class ParityReport:
     primary_metric: str
     kernels: KernelReport | None = None
     notes: list[str] = field(default_factory=list)
+    #: Teacher-forced parity of every quantized tensor (``qpp.export.teacher.TeacherReport``).
+    teacher: Any = None
 
     @property
     def metric_difference(self) -> float:
@@ -139,11 +149,14 @@ class ParityReport:
 
     @property
     def passed(self) -> bool:
-        """At most ``MAX_STEPS`` on quantized outputs and the metric within
-        ``MAX_METRIC_DIFFERENCE`` points."""
+        """At most ``MAX_STEPS`` on quantized outputs (and, teacher-forced, on every quantized
+        tensor) and the metric within ``MAX_METRIC_DIFFERENCE`` points."""
         steps = self.max_quantized_steps
-        return (steps is None or steps <= MAX_STEPS) and (
-            self.metric_difference <= MAX_METRIC_DIFFERENCE
+        teacher = self.teacher is None or self.teacher.passed
+        return (
+            (steps is None or steps <= MAX_STEPS)
+            and teacher
+            and (self.metric_difference <= MAX_METRIC_DIFFERENCE)
         )
 
     @property
@@ -161,6 +174,7 @@ class ParityReport:
             "passed": self.passed,
             "kernels": None if self.kernels is None else self.kernels.__dict__,
             "notes": self.notes,
+            "teacher_forced": None if self.teacher is None else self.teacher.as_dict(),
         }
 
 

@@ -28,6 +28,8 @@ class OpKind(StrEnum):
     #: Activations an integer kernel fuses into the conv/linear before requantization.
     FUSABLE_ACTIVATION = "fusable_activation"
     ADD = "add"
+    MUL = "mul"
+    SOFTMAX = "softmax"
     CONCAT = "concat"
     #: Ops that move or select values without changing them (their output grid = input grid).
     LAYOUT = "layout"
@@ -73,6 +75,12 @@ _register(
     [torch.relu, F.relu, F.relu6, F.hardtanh, "relu", "relu_"],
 )
 _register(OpKind.ADD, [aten.add, aten.add_], [operator.add, torch.add, "add"])
+_register(OpKind.MUL, [aten.mul, aten.mul_], [operator.mul, torch.mul, "mul"])
+_register(
+    OpKind.SOFTMAX,
+    [aten.softmax, aten._softmax],
+    [F.softmax, torch.softmax, "softmax"],
+)
 _register(OpKind.CONCAT, [aten.cat, aten.concat], [torch.cat, torch.concat])
 _register(
     OpKind.LAYOUT,

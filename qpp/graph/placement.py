@@ -14,6 +14,16 @@
   straight to float, as ONNX Runtime's MatMulIntegerToFloat and QGemm do;
 - concat inputs that are all quantized share one quantizer, since the runtime needs one scale.
 
+``runtime-int8-eltwise`` is ``runtime`` plus integer element-wise ops, as ONNX Runtime's own
+``quantize_static`` places them: an Add, Mul or Softmax whose result an integer op reads (a
+conv, linear or matmul, or another such element-wise op) gets its output and its inputs
+quantized, so ORT runs QLinearAdd / QLinearMul / QLinearSoftmax on uint8 instead of float ops
+between a DequantizeLinear and a QuantizeLinear. Left in float: ops with a constant vector
+operand (the export writes scalar constants exactly on a one-value grid, vectors it cannot),
+ops on values no conv/linear/embedding computed (attention masks), a Softmax whose input is not
+quantized already (masked attention scores), and everything that only feeds float math (an Add
+into a LayerNorm, a hardswish's ``x * clip(x + 3, 0, 6) / 6``).
+
 ``full`` quantizes every float activation (and the weights), for simulating accelerators that
 keep every tensor in integers.
 """
@@ -29,7 +39,10 @@ from torch.fx import GraphModule, Node
 from qpp.errors import ConfigError
 from qpp.graph.ops import COMPUTE_KINDS, OpKind, op_kind, operand_roles
 
-POLICIES = ("runtime", "full")
+POLICIES = ("runtime", "runtime-int8-eltwise", "full")
+#: Element-wise ops ``runtime-int8-eltwise`` runs on integers (ORT: QLinearAdd, QLinearMul,
+#: QLinearSoftmax).
+ELEMENTWISE_KINDS = (OpKind.ADD, OpKind.MUL, OpKind.SOFTMAX)
 
 
 @dataclass(frozen=True)
@@ -77,6 +90,10 @@ def place_quantizers(graph_module: GraphModule, policy: str = "runtime") -> Plac
     placement = Placement(weights=_weight_sites(graph_module, namer))
     if policy == "runtime":
         placement.activations = _runtime_activation_sites(graph_module, namer)
+    elif policy == "runtime-int8-eltwise":
+        placement.activations = _elementwise_activation_sites(
+            graph_module, namer, _runtime_activation_sites(graph_module, namer)
+        )
     else:
         placement.activations = _full_activation_sites(graph_module, namer)
     return placement
@@ -228,6 +245,111 @@ def _runtime_activation_sites(graph_module: GraphModule, namer: SiteNamer) -> li
         for value, users in edges.items()
     ]
     return _tie_concat_inputs(sites, concat_groups, namer)
+
+
+def _computed_values(graph_module: GraphModule) -> set[str]:
+    """Nodes downstream of a conv, linear, matmul or embedding (not masks or shapes)."""
+    modules = dict(graph_module.named_modules())
+    computed: set[str] = set()
+    for node in graph_module.graph.nodes:
+        kind = op_kind(node, modules)
+        if kind in (*COMPUTE_KINDS, OpKind.EMBEDDING) or any(
+            isinstance(a, Node) and a.name in computed for a in node.all_input_nodes
+        ):
+            computed.add(node.name)
+    return computed
+
+
+def _elementwise_operands(node: Node, computed: set[str]) -> list[Node] | None:
+    """The tensor operands of an Add/Mul an integer kernel can take, or ``None`` when it cannot:
+    operands must be computed float tensors or scalar constants, and ``alpha`` 1."""
+    if node.kwargs.get("alpha", 1) != 1 or len(node.args) != 2:
+        return None
+    operands = []
+    for argument in node.args:
+        if isinstance(argument, int | float) and not isinstance(argument, bool):
+            continue
+        if not isinstance(argument, Node) or not _is_float_tensor(argument):
+            return None
+        if argument.op == "get_attr":
+            value = argument.meta.get("val")
+            if value is None or value.numel() != 1:
+                return None  # a vector constant stays float: no exact one-value grid for it
+            continue
+        if argument.name not in computed:
+            return None
+        operands.append(argument)
+    return operands or None
+
+
+def _elementwise_activation_sites(
+    graph_module: GraphModule, namer: SiteNamer, sites: list[ActivationSite]
+) -> list[ActivationSite]:
+    """``runtime`` sites plus the outputs and operands of the Add/Mul/Softmax ops whose results
+    integer ops read (to a fixed point: a chain of them runs in integers to the next conv)."""
+    modules = dict(graph_module.named_modules())
+    computed = _computed_values(graph_module)
+    quantized = {s.value for s in sites if s.consumers is None}
+    candidates: dict[str, tuple[Node, Node, list[Node]]] = {}  # name -> (op, output, operands)
+    for node in graph_module.graph.nodes:
+        kind = op_kind(node, modules)
+        if kind not in ELEMENTWISE_KINDS or not _is_float_tensor(node):
+            continue
+        if kind is OpKind.SOFTMAX:
+            source = node.args[0] if node.args else None
+            operands = [source] if isinstance(source, Node) else None
+        else:
+            operands = _elementwise_operands(node, computed)
+        if operands:
+            candidates[node.name] = (node, _fused_output(node, modules), operands)
+
+    selected: dict[str, None] = {}
+    changed = True
+    while changed:
+        changed = False
+        outputs = {candidates[name][1].name for name in selected}
+        for name, (node, output, operands) in candidates.items():
+            if name in selected:
+                continue
+            if op_kind(node, modules) is OpKind.SOFTMAX:
+                source = _anchor(operands[0], modules).name
+                if source not in quantized and source not in outputs:
+                    continue  # masked attention scores: their range is the mask's
+            if _feeds_integer_op(output, modules) or _feeds(output, selected, modules):
+                selected[name] = None
+                changed = True
+
+    values: dict[str, None] = {}
+    for name in selected:
+        _, output, operands = candidates[name]
+        values.setdefault(output.name)
+        for operand in operands:
+            values.setdefault(_anchor(operand, modules).name)
+    result = []
+    for site in sites:
+        if site.value in values and site.consumers is not None:
+            site = ActivationSite(site.name, site.value, None, "activation")
+        result.append(site)
+    covered = {s.value for s in result}
+    nodes = {node.name: node for node in graph_module.graph.nodes}
+    for value in values:
+        if value not in covered:
+            name = namer.name(nodes[value], "output")
+            result.append(ActivationSite(name, value, None, "activation"))
+    return result
+
+
+def _feeds(node: Node, targets: dict[str, None], modules: dict[str, torch.nn.Module]) -> bool:
+    """True when one of the ``targets`` nodes reads ``node`` (through layout ops)."""
+    frontier = [node]
+    while frontier:
+        current = frontier.pop()
+        for user in current.users:
+            if user.name in targets:
+                return True
+            if op_kind(user, modules) is OpKind.LAYOUT and user.args and user.args[0] is current:
+                frontier.append(user)
+    return False
 
 
 def _tie_concat_inputs(

@@ -54,8 +54,19 @@ def print_export(result: dict[str, Any], console: Console | None = None) -> None
         deployed = parity["onnxruntime_metrics"][key]
         metrics.add_row(f"{key}{marker}", f"{value:.4f}", f"{deployed:.4f}")
     console.print(metrics)
+    teacher = parity.get("teacher_forced")
+    if teacher is not None:
+        console.print(
+            f"teacher-forced (each op fed the simulation's inputs): {teacher['tensors']} "
+            f"quantized tensors, max {teacher['max_steps']} step(s) (worst: "
+            f"{teacher['worst_tensor']}), {teacher['differing_fraction']:.2e} of values differ, "
+            f"{teacher['batches']} batch(es)"
+        )
     verdict = "PASSED" if parity["passed"] else "FAILED"
-    console.print(f"parity {verdict} (<= 1 step on quantized outputs, metric within 0.1)")
+    console.print(
+        f"parity {verdict} (<= 1 step on quantized outputs and, teacher-forced, on every "
+        "quantized tensor; metric within 0.1)"
+    )
 
 
 def print_bench(result: dict[str, Any], console: Console | None = None) -> None:

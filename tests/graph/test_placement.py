@@ -96,3 +96,68 @@ def test_names_are_stable_across_captures() -> None:
     _, first = _placed(Block(), torch.randn(2, 3, 8, 8))
     _, second = _placed(Block(), torch.randn(4, 3, 8, 8))
     assert first.names == second.names
+
+
+class ElementwiseNet(nn.Module):
+    """A squeeze-excite gate (Mul), a scaled residual Add into a conv, a vector-constant Mul,
+    a masked softmax into a matmul, and an Add into a layer norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.excite = nn.Conv2d(8, 8, 1)
+        self.mix = nn.Conv2d(8, 8, 1)
+        self.head = nn.Conv2d(8, 8, 1)
+        self.register_buffer("gain", torch.linspace(0.5, 1.5, 8).reshape(1, 8, 1, 1))
+        self.query = nn.Linear(8, 8)
+        self.key = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv(x))
+        gated = y * torch.sigmoid(self.excite(y.mean((2, 3), keepdim=True)))
+        z = self.mix(gated) * 0.5 + y
+        w = self.head(z) * self.gain
+        tokens = self.head(torch.relu(w)).flatten(2).transpose(1, 2)
+        scores = self.query(tokens) @ self.key(tokens).transpose(1, 2) + (1.0 - mask) * -1e4
+        attended = torch.softmax(scores, dim=-1) @ tokens
+        return self.norm(attended + tokens)
+
+
+def test_eltwise_policy_quantizes_the_adds_and_muls_integer_ops_read() -> None:
+    model = ElementwiseNet().eval()
+    example = (torch.randn(2, 3, 4, 4), torch.ones(2, 16, 16))
+    graph_module = capture(model, example)
+    runtime = place_quantizers(graph_module, "runtime")
+    eltwise = place_quantizers(graph_module, "runtime-int8-eltwise")
+    nodes = {n.name: n for n in graph_module.graph.nodes}
+
+    def quantized_ops(placement) -> set[str]:
+        values = {s.value for s in placement.activations if s.consumers is None}
+        return {str(nodes[v].target).split(".")[1] for v in values}
+
+    def whole(placement) -> set[str]:
+        return {s.value for s in placement.activations if s.consumers is None}
+
+    added = whole(eltwise) - whole(runtime)
+    targets = sorted(str(nodes[v].target).split(".")[1] for v in added)
+    # the SE gate (sigmoid output and the Mul), x * 0.5 (scalar: exact in the export) and the
+    # residual Add into `head`.
+    assert targets == ["add", "mul", "mul", "sigmoid"], targets
+    assert "add" not in quantized_ops(runtime)
+    # Left in float: the Mul by a vector constant (its output feeds relu -> conv, yet the
+    # constant has no one-value grid), the mask arithmetic and the masked softmax, the Add
+    # into the layer norm.
+    vector_mul = next(
+        n
+        for n in graph_module.graph.nodes
+        if "mul" in n.name and any(getattr(a, "op", "") == "get_attr" for a in n.args)
+    )
+    assert vector_mul.name not in {s.value for s in eltwise.activations}
+    softmax = next(n for n in graph_module.graph.nodes if "softmax" in str(n.target))
+    assert softmax.name not in whole(eltwise)  # only runtime's edge into the matmul
+    assert softmax.args[0].name not in {s.value for s in eltwise.activations}
+    # No value has two quantizers, and every site of runtime is kept (by name).
+    values = [s.value for s in eltwise.activations if s.consumers is None]
+    assert len(values) == len(set(values))
+    assert {s.name for s in runtime.activations} <= {s.name for s in eltwise.activations}
