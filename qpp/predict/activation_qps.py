@@ -226,7 +226,7 @@ class ActivationQPs:
                 return
             features = predictor.features(args[0])
             log_qps = predictor.predict_log(features, self.settings.threshold_margin)
-            assign_predictions(self.samplers, predictor.targets, torch.exp(log_qps))
+            assign_predictions(self.samplers, predictor.targets, torch.exp(log_qps).float())
 
         return hook
 

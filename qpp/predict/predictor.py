@@ -57,11 +57,14 @@ def sample_features(
 
     With ``max_elements``, the statistics read a fixed random subset of that many elements of
     each sample (the same positions for every input), so a source deep in a large model costs
-    a few thousand operations, not a pass over its whole feature map."""
+    a few thousand operations, not a pass over its whole feature map.
+
+    Computed in float64: its sums and logs then round the same way in any runtime once cast
+    back to float32, so the ONNX export (``qpp.export.predictor``) reproduces the QPs exactly."""
     rows = x.detach().reshape(x.shape[0], -1)
     if max_elements is not None and rows.shape[1] > max_elements:
         rows = rows[:, column_subset(rows.shape[1], max_elements)]
-    rows = rows.float()
+    rows = rows.double()
     magnitudes = rows.abs()
     columns: list[torch.Tensor] = []
     for name in names:
@@ -134,13 +137,15 @@ class LinearQPPredictor:
         return sample_features(x, self.feature_names, self.max_elements)
 
     def predict_log(self, features: torch.Tensor, threshold_margin: float = 0.0) -> torch.Tensor:
-        """``log q̂`` per sample and target; Dense+Sparse thresholds raised by
-        ``threshold_margin`` residual standard deviations."""
-        standardized = (features - self.feature_mean) / self.feature_std
-        predicted = self.weight[0] + standardized @ self.weight[1:]
+        """``log q̂`` per sample and target (float64, like the features); Dense+Sparse thresholds
+        raised by ``threshold_margin`` residual standard deviations."""
+        features = features.double()
+        standardized = (features - self.feature_mean.double()) / self.feature_std.double()
+        weight = self.weight.double()
+        predicted = weight[0] + standardized @ weight[1:]
         if threshold_margin and self.residual_std is not None:
             is_threshold = torch.tensor([kind == "threshold" for _, kind in self.targets])
-            predicted = predicted + threshold_margin * self.residual_std * is_threshold
+            predicted = predicted + threshold_margin * self.residual_std.double() * is_threshold
         return predicted
 
     def r_squared(self, features: torch.Tensor, log_qps: torch.Tensor) -> torch.Tensor:
