@@ -93,10 +93,13 @@ def predicted_quantizers(activation_qps: ActivationQPs) -> set[str]:
 
 class PredictorModule(torch.nn.Module):
     """One predictor as graph ops: source tensor -> (scales, zero points, grid lows, grid
-    highs) of its ``K`` target quantizers, ``[K]`` each (float32).
+    highs) of its ``K`` target quantizers, ``[K]`` each.
 
     ``log q̂ = c + Σ_f a_f (φ_f - μ_f) / σ_f`` (``LinearQPPredictor``) is folded into
-    ``log q̂ = (c - Σ_f a_f μ_f / σ_f) + φ @ (a / σ)``: the same map in float64.
+    ``log q̂ = (c - Σ_f a_f μ_f / σ_f) + φ @ (a / σ)``: the same map in float64, with the
+    features in the order the graph computes them (``mean``, ``std``, then those read from
+    one TopK: ``max`` and the quantiles). Zero points come out in the 8-bit container type
+    when every target shares it (float otherwise), so each QDQ reads them without a Cast.
     """
 
     def __init__(
@@ -107,7 +110,6 @@ class PredictorModule(torch.nn.Module):
         source_elements: int,
     ) -> None:
         super().__init__()
-        self.feature_names = predictor.feature_names
         read = source_elements
         if predictor.max_elements is not None and source_elements > predictor.max_elements:
             read = predictor.max_elements
@@ -116,19 +118,23 @@ class PredictorModule(torch.nn.Module):
             )
         else:
             self.columns = None
-        self.elements = read
+        names = predictor.feature_names
+        self.mean = "mean" in names
+        self.std = "std" in names
         # Positions in the descending TopK of |x|: 0 for max, M - k for the k-th smallest.
-        self.positions: dict[str, int] = {}
-        for name in self.feature_names:
-            if name == "max":
-                self.positions[name] = 0
-            elif name.startswith("q"):
-                k = min(read, max(1, math.ceil(float(name[1:]) * read)))
-                self.positions[name] = read - k
-        self.top = 1 + max(self.positions.values(), default=-1)
+        ranked = [n for n in names if n == "max" or n.startswith("q")]
+        positions = [
+            0 if n == "max" else read - min(read, max(1, math.ceil(float(n[1:]) * read)))
+            for n in ranked
+        ]
+        self.top = 1 + max(positions, default=-1)
+        self.register_buffer("positions", torch.tensor(positions, dtype=torch.int64))
+        order = [names.index(n) for n in ("mean", "std") if n in names]
+        order += [names.index(n) for n in ranked]
         weight = predictor.weight.double()
         mean, std = predictor.feature_mean.double(), predictor.feature_std.double()
-        self.register_buffer("slopes", (weight[1:] / std[:, None]).contiguous())
+        slopes = weight[1:] / std[:, None]
+        self.register_buffer("slopes", slopes[order].contiguous())
         self.register_buffer("intercepts", weight[0] - (mean / std) @ weight[1:])
         column = {target: i for i, target in enumerate(predictor.targets)}
         zero_slot = len(predictor.targets)
@@ -153,34 +159,38 @@ class PredictorModule(torch.nn.Module):
         self.any_symmetric = any(symmetric)
         self.register_buffer("symmetric", torch.tensor(symmetric))
         self.register_buffer("signed", torch.tensor(signed))
+        self.zero_dtype = (
+            (torch.int8 if signed[0] else torch.uint8)
+            if len(set(signed)) == 1
+            else torch.float32
+        )
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """``[F]`` features of the (batch 1) source, as ``qpp.predict.predictor`` computes."""
+        """``[1, F]`` features of the (batch 1) source, as ``qpp.predict.predictor`` computes
+        them, in the module's order."""
         rows = x.reshape(1, -1)
         if self.columns is not None:
             rows = rows.index_select(1, self.columns)
         rows = rows.double()
-        top = None
+        columns = []
+        if self.mean:
+            columns.append(rows.mean(dim=1, keepdim=True))
+        logs = []
+        if self.std:
+            logs.append(rows.std(dim=1, correction=0, keepdim=True))
         if self.top:
             top = torch.topk(rows.abs(), self.top, dim=1, largest=True, sorted=True).values
-        columns = []
-        for name in self.feature_names:
-            if name == "mean":
-                columns.append(rows.mean(dim=1))
-                continue
-            if name == "std":
-                value = rows.std(dim=1, correction=0)
-            else:
-                assert top is not None
-                value = top[:, self.positions[name]]
-            columns.append(torch.log(value.clamp(min=1e-12)))
-        return torch.stack(columns, dim=1)
+            logs.append(top.index_select(1, self.positions))
+        if logs:
+            ranked = logs[0] if len(logs) == 1 else torch.cat(logs, dim=1)
+            columns.append(torch.log(ranked.clamp(min=1e-12)))
+        return columns[0] if len(columns) == 1 else torch.cat(columns, dim=1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         log_qps = self.intercepts + self.features(x) @ self.slopes
         qps = torch.exp(log_qps).float().reshape(-1) * self.signs
         padded = torch.cat([qps, torch.zeros(1, dtype=qps.dtype)])
-        lo, hi = padded[self.lo_index], padded[self.hi_index]
+        lo, hi = padded.index_select(0, self.lo_index), padded.index_select(0, self.hi_index)
         # qpp.quant.affine.choose_qparams, one entry per target quantizer.
         scale = torch.clamp((hi - lo) / (self.qmax - self.qmin), min=MIN_SCALE)
         zero_point = torch.clamp(torch.round(self.qmin - lo / scale), self.qmin, self.qmax)
@@ -189,7 +199,8 @@ class PredictorModule(torch.nn.Module):
             symmetric_scale = torch.clamp(magnitude / self.qmax, min=MIN_SCALE)
             scale = torch.where(self.symmetric, symmetric_scale, scale)
             zero_point = torch.where(self.symmetric, torch.zeros_like(zero_point), zero_point)
-        return scale, zero_point, scale * (self.qmin - zero_point), scale * (self.qmax - zero_point)
+        low, high = scale * (self.qmin - zero_point), scale * (self.qmax - zero_point)
+        return scale, zero_point.to(self.zero_dtype), low, high
 
 
 class PredictedQDQ(torch.nn.Module):
@@ -220,15 +231,21 @@ class PredictedQDQ(torch.nn.Module):
 
 
 def _quantize_tensor(input, scale, zero_point, quant_min, quant_max, dtype):  # type: ignore[no-untyped-def]
+    from onnxscript import ir
     from onnxscript import opset18 as op
 
-    return op.QuantizeLinear(input, scale, op.Cast(zero_point, to=dtype))
+    if zero_point.dtype != ir.DataType(dtype):
+        zero_point = op.Cast(zero_point, to=dtype)
+    return op.QuantizeLinear(input, scale, zero_point)
 
 
 def _dequantize_tensor(input, scale, zero_point, quant_min, quant_max, dtype, out_dtype=-1):  # type: ignore[no-untyped-def]
+    from onnxscript import ir
     from onnxscript import opset18 as op
 
-    return op.DequantizeLinear(input, scale, op.Cast(zero_point, to=dtype))
+    if zero_point.dtype != ir.DataType(dtype):
+        zero_point = op.Cast(zero_point, to=dtype)
+    return op.DequantizeLinear(input, scale, zero_point)
 
 
 def translations() -> dict[object, object]:
@@ -245,6 +262,10 @@ def translations() -> dict[object, object]:
 
 
 # --- ONNX: integer kernels on predicted input scales -------------------------------------------
+
+
+#: Ops that give the same result on integers as on their dequantized values.
+COMMUTING_OPS = frozenset({"MaxPool", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"})
 
 
 @dataclass
@@ -288,10 +309,11 @@ class _Graph:
 
     def predicted_dq(self, name: str) -> tuple[object, list[object]] | None:
         """The DequantizeLinear with a computed (predicted) scale that ``name`` comes from,
-        through up to four MaxPools (pooling commutes with quantization), and the pools."""
+        through up to four ops that commute with quantization (max pooling, reshapes), and
+        those ops."""
         pools: list[object] = []
         node = self.producers.get(name)
-        while node is not None and node.op_type == "MaxPool" and len(pools) < 4:
+        while node is not None and node.op_type in COMMUTING_OPS and len(pools) < 4:
             pools.append(node)
             node = self.producers.get(node.input[0])
         if node is None or node.op_type != "DequantizeLinear" or len(node.input) < 3:
@@ -343,8 +365,11 @@ def integer_kernels_with_input_scales(proto: object) -> int:
             key = pool.output[0]  # type: ignore[attr-defined]
             if key not in integer_pools:
                 integer_pools[key] = look.fresh(f"{key}_int")
-                attributes = {a.name: helper.get_attribute_value(a) for a in pool.attribute}  # type: ignore[attr-defined]
-                out.append(helper.make_node("MaxPool", [name], [integer_pools[key]], **attributes))
+                copy = type(pool)()
+                copy.CopyFrom(pool)  # type: ignore[attr-defined]
+                copy.input[0], copy.output[0] = name, integer_pools[key]
+                del copy.output[1:]
+                out.append(copy)
             name = integer_pools[key]
         return name
 
