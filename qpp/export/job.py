@@ -91,9 +91,7 @@ def export_run(
     and the check feeds ORT the evaluation set sample by sample)."""
     example = entry.calibration_set()[0]
     names = _input_names(entry, example)
-    report = export_onnx(
-        quantized, example, path, None, names, force, piecewise, activation_qps
-    )
+    report = export_onnx(quantized, example, path, None, names, force, piecewise, activation_qps)
     with tempfile.TemporaryDirectory(prefix="qpp-export.") as folder:
         kernels = KernelReport.from_counts(optimized_op_counts(path, Path(folder)))
     parity = None

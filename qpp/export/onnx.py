@@ -41,6 +41,12 @@ from qpp.export.compact import (
     short_value_names,
 )
 from qpp.export.isa import CpuIsa, WeightFormat, detect_isa
+from qpp.export.piecewise import (
+    check_piecewise_export,
+    integer_branch_convs,
+    lower_piecewise_weight,
+    piecewise_note,
+)
 from qpp.export.predictor import (
     BATCH_NOTE,
     PREDICTED_BATCH,
@@ -50,12 +56,6 @@ from qpp.export.predictor import (
     integer_kernels_with_input_scales,
     predicted_quantizers,
     translations,
-)
-from qpp.export.piecewise import (
-    check_piecewise_export,
-    integer_branch_convs,
-    lower_piecewise_weight,
-    piecewise_note,
 )
 from qpp.graph.ops import OpKind, op_kind
 from qpp.predict.activation_qps import ActivationQPs

@@ -160,9 +160,7 @@ class PredictorModule(torch.nn.Module):
         self.register_buffer("symmetric", torch.tensor(symmetric))
         self.register_buffer("signed", torch.tensor(signed))
         self.zero_dtype = (
-            (torch.int8 if signed[0] else torch.uint8)
-            if len(set(signed)) == 1
-            else torch.float32
+            (torch.int8 if signed[0] else torch.uint8) if len(set(signed)) == 1 else torch.float32
         )
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -216,7 +214,7 @@ class PredictedQDQ(torch.nn.Module):
         self.clip = (self.qmin, self.qmax) != (container.min, container.max)
 
     def forward(self, x: torch.Tensor, qps: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the ops)
+        import torch.ao.quantization.fx._decomposed
 
         ops = torch.ops.quantized_decomposed
         scale, zero_point = qps[0][self.index], qps[1][self.index]
@@ -251,14 +249,13 @@ def _dequantize_tensor(input, scale, zero_point, quant_min, quant_max, dtype, ou
 def translations() -> dict[object, object]:
     """``torch.onnx.export``'s ``custom_translation_table`` entries for QPs held in tensors
     (torch's own translation of these ops takes them as constants)."""
-    import torch.ao.quantization.fx._decomposed  # noqa: F401
+    import torch.ao.quantization.fx._decomposed
 
     ops = torch.ops.quantized_decomposed
     return {
         ops.quantize_per_tensor.tensor: _quantize_tensor,
         ops.dequantize_per_tensor.tensor: _dequantize_tensor,
     }
-
 
 
 # --- ONNX: integer kernels on predicted input scales -------------------------------------------
@@ -398,7 +395,14 @@ def integer_kernels_with_input_scales(proto: object) -> int:
         added: list[object] = []
         x_int = integer_input(dq, pools, added)
         other_scale = None  # a second predicted activation's scale (a MatMul of two)
-        weight = look.constant_dq(node.input[1])
+        weight, transposed = look.constant_dq(node.input[1]), False
+        producer = look.producers.get(node.input[1])
+        if weight is None and producer is not None and producer.op_type == "Transpose":
+            # A linear on 3-D tokens: MatMul(x, Transpose(DQ(W))).
+            perm = next((list(a.ints) for a in producer.attribute if a.name == "perm"), [1, 0])
+            weight, transposed = look.constant_dq(producer.input[0]), perm == [1, 0]
+            if weight is not None and not transposed:
+                weight = None
         if weight is not None:
             shifted = _shifted_weight(weight)
             if shifted is None:
@@ -409,7 +413,7 @@ def integer_kernels_with_input_scales(proto: object) -> int:
             if node.op_type == "Conv":
                 shape = [1, -1] + [1] * (values.ndim - 2)
             else:
-                if node.op_type == "Gemm" and attributes.get("transB", 0):
+                if transposed or (node.op_type == "Gemm" and attributes.get("transB", 0)):
                     values, axis = values.T, 1 - weight.axis
                 else:
                     axis = weight.axis
