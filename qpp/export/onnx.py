@@ -48,8 +48,8 @@ from qpp.export.piecewise import (
     piecewise_note,
 )
 from qpp.export.predictor import (
-    BATCH_NOTE,
     PREDICTED_BATCH,
+    PREDICTED_NOTE,
     PredictedQDQ,
     PredictorModule,
     check_predicted_export,
@@ -515,7 +515,17 @@ def export_onnx(
         float_quantizers=lowered.float_quantizers,
         notes=_notes(model, weight_format)
         + piecewise_note(lowered.piecewise_branches)
-        + ([BATCH_NOTE.format(batch=PREDICTED_BATCH)] if predicted else []),
+        + (
+            [
+                PREDICTED_NOTE.format(
+                    predictors=lowered.predictors,
+                    activations=lowered.predicted_activations,
+                    batch=PREDICTED_BATCH,
+                )
+            ]
+            if predicted
+            else []
+        ),
         piecewise_branches=lowered.piecewise_branches,
         predicted_activations=lowered.predicted_activations,
         predictors=lowered.predictors,

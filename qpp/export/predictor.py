@@ -44,9 +44,10 @@ from qpp.sim.quantizer import Quantizer
 
 #: The batch size of an exported graph with predicted QPs.
 PREDICTED_BATCH = 1
-BATCH_NOTE = (
-    "predicted activation QPs are per input, so the graph takes batch {batch} (each input "
-    "gets its own scales); run larger batches one input at a time"
+PREDICTED_NOTE = (
+    "{predictors} predictors in the graph compute the QPs of {activations} activations per "
+    "input (QPP; their float64 linear maps are {predictors} small MatMuls ORT runs in float); "
+    "the graph takes batch {batch}, so run larger batches one input at a time"
 )
 
 
