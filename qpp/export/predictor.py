@@ -37,7 +37,7 @@ import torch
 from qpp.errors import ConfigError
 from qpp.export.piecewise import _drop_unused
 from qpp.predict.activation_qps import ActivationQPs
-from qpp.predict.predictor import LinearQPPredictor
+from qpp.predict.predictor import LinearQPPredictor, round_log_ranges
 from qpp.predict.qps import QPMode, Scheme, column_subset
 from qpp.quant.affine import MIN_SCALE
 from qpp.sim.quantizer import Quantizer
@@ -186,7 +186,7 @@ class PredictorModule(torch.nn.Module):
         return columns[0] if len(columns) == 1 else torch.cat(columns, dim=1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        log_qps = self.intercepts + self.features(x) @ self.slopes
+        log_qps = round_log_ranges(self.intercepts + self.features(x) @ self.slopes)
         qps = torch.exp(log_qps).float().reshape(-1) * self.signs
         padded = torch.cat([qps, torch.zeros(1, dtype=qps.dtype)])
         lo, hi = padded.index_select(0, self.lo_index), padded.index_select(0, self.hi_index)

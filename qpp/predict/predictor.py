@@ -22,6 +22,18 @@ from qpp.predict.qps import column_subset
 DEFAULT_FEATURES = ("mean", "max", "q0.9", "q0.99", "q0.999")
 #: Positive statistics enter in log space, like the (log) QPs they predict.
 _LOG_FLOOR = 1e-12
+#: Predicted log ranges are rounded to this grid (0.8 % steps of the range): a deployed graph
+#: computes its source tensors with other float rounding than the simulation (integer
+#: kernels, fused activations), so its features differ by ~1e-6; unrounded, every predicted
+#: scale would differ by as much and flip the rounding of ~1e-4 of all values per layer, an
+#: error that grows layer by layer (PP-OCR cls: 39 output steps). On the grid both land on the
+#: same scale except when a value falls within ~1e-6 of a grid boundary.
+LOG_RANGE_STEP = 1.0 / 128
+
+
+def round_log_ranges(log_qps: torch.Tensor) -> torch.Tensor:
+    """``log q̂`` on the ``LOG_RANGE_STEP`` grid (exact in float64: the step is 2^-7)."""
+    return torch.round(log_qps / LOG_RANGE_STEP) * LOG_RANGE_STEP
 
 
 def check_feature_names(names: tuple[str, ...]) -> None:
