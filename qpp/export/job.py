@@ -33,8 +33,12 @@ from qpp.export.ort import (
     run_session,
 )
 from qpp.export.piecewise import check_piecewise_export
+from qpp.export.predictor import PREDICTED_BATCH, check_predicted_batch
 from qpp.export.teacher import teacher_forced_parity
 from qpp.pipeline import rebuild_run
+from qpp.predict import load_activation_qps, settings_from_config
+from qpp.predict.activation_qps import ActivationQPs
+from qpp.sim.config import QuantConfig
 from qpp.sim.model import QuantizedModel
 from qpp.zoo.base import Batch, ZooEntry
 
@@ -80,12 +84,15 @@ def export_run(
     fp32: torch.nn.Module | None = None,
     show_progress: bool = False,
     piecewise: str = "branches",
+    activation_qps: ActivationQPs | None = None,
 ) -> tuple[ExportReport, KernelReport, ParityReport | None]:
     """Export ``quantized`` to ``path``, list the kernels ORT runs, and (``check``) compare ORT
-    with the simulation on ``entry``'s evaluation set; ``piecewise``: the form of PWLQ weights."""
+    with the simulation on ``entry``'s evaluation set; ``piecewise``: the form of PWLQ weights;
+    ``activation_qps``: a predicted run's predictors (the graph then takes one input at a time,
+    and the check feeds ORT the evaluation set sample by sample)."""
     example = entry.calibration_set()[0]
     names = _input_names(entry, example)
-    report = export_onnx(quantized, example, path, None, names, force, piecewise)
+    report = export_onnx(quantized, example, path, None, names, force, piecewise, activation_qps)
     with tempfile.TemporaryDirectory(prefix="qpp-export.") as folder:
         kernels = KernelReport.from_counts(optimized_op_counts(path, Path(folder)))
     parity = None
@@ -94,7 +101,10 @@ def export_run(
         evaluation = entry.evaluation_set()
         reference = run(fp32, evaluation.batches, "fp32", show_progress)
         simulated = run(quantized, evaluation.batches, "simulated", show_progress)
-        deployed = run_session(make_session(path), evaluation.batches, show_progress)
+        feed = evaluation.batches
+        if report.predicted_activations:
+            feed = single_samples(feed)
+        deployed = run_session(make_session(path), feed, show_progress)
         simulated_list = list(simulated) if isinstance(simulated, tuple) else [simulated]
         parity = check_parity(
             simulated_list,
@@ -114,6 +124,25 @@ def export_run(
     return report, kernels, parity
 
 
+def single_samples(batches: list[Batch]) -> list[Batch]:
+    """``batches`` split into batches of ``PREDICTED_BATCH`` samples, in order."""
+    return [
+        tuple(x[start : start + PREDICTED_BATCH] for x in batch)
+        for batch in batches
+        for start in range(0, int(batch[0].shape[0]), PREDICTED_BATCH)
+    ]
+
+
+def load_run_activation_qps(
+    folder: Path, config: QuantConfig, quantized: QuantizedModel
+) -> ActivationQPs | None:
+    """The per-input activation QPs saved with the run in ``folder`` (None for static)."""
+    settings = settings_from_config(config)
+    if not settings.needs_per_sample:
+        return None
+    return load_activation_qps(quantized, folder, settings)
+
+
 def export_job(
     folder: Path,
     onnx_path: Path,
@@ -127,8 +156,9 @@ def export_job(
     check_output_path(onnx_path, force)  # before the slow part
     check_piecewise_export(piecewise)
     record, entry, fp32, quantized = rebuild_run(folder)
+    activation_qps = load_run_activation_qps(folder, record.config, quantized)
     report, kernels, parity = export_run(
-        quantized, entry, onnx_path, force, check, fp32, show_progress, piecewise
+        quantized, entry, onnx_path, force, check, fp32, show_progress, piecewise, activation_qps
     )
     return ExportResult(
         record.source.model,
@@ -224,7 +254,7 @@ def bench_feed(entry: ZooEntry, names: list[str], batch_size: int) -> dict[str, 
 
 def bench_job(
     folder: Path,
-    batch_sizes: tuple[int, ...] = BENCH_BATCH_SIZES,
+    batch_sizes: tuple[int, ...] | None = None,
     time_budget_s: float = 20.0,
     repeats: int = 200,
     reduce_range: bool = True,
@@ -233,21 +263,32 @@ def bench_job(
 ) -> BenchResult:
     """Latency in ORT of the FP32 model, qpp's int8 export and ORT's own ``quantize_static``
     int8 model of the same FP32 ONNX (and its 7-bit ``reduce_range`` variant), batch 1 and
-    32, round-robin, median of up to ``repeats`` runs or ``time_budget_s`` per batch size.
+    32 (``batch_sizes``; batch 1 only for a run with predicted QPs), round-robin, median of up
+    to ``repeats`` runs or ``time_budget_s`` per batch size.
     ``extra_models`` (label -> ONNX file taking the same inputs) are timed alongside, every
     session with ``threads`` intra-op threads."""
     from qpp.export.ort_reference import preprocess, quantize_static_reference
 
     record, entry, fp32, quantized = rebuild_run(folder)
+    activation_qps = load_run_activation_qps(folder, record.config, quantized)
+    notes = []
+    if activation_qps is not None and record.config.activation_ranges == "predicted":
+        if batch_sizes is None:
+            batch_sizes = (PREDICTED_BATCH,)
+            notes.append("predicted activation QPs: the graph takes batch 1, so only batch 1")
+        for batch_size in batch_sizes:
+            check_predicted_batch(batch_size)
+    batch_sizes = batch_sizes or BENCH_BATCH_SIZES
     isa = detect_isa()
     example = entry.calibration_set()[0]
     names = _input_names(entry, example)
-    notes = []
     with tempfile.TemporaryDirectory(prefix="qpp-bench.") as temporary:
         root = Path(temporary)
         paths = {FP32: root / "fp32.onnx", QPP: root / "qpp.onnx"}
         notes.append(f"FP32 ONNX: {fp32_onnx(entry, fp32, example, paths[FP32])}")
-        export = export_onnx(quantized, example, paths[QPP], None, names)
+        export = export_onnx(
+            quantized, example, paths[QPP], None, names, activation_qps=activation_qps
+        )
         calibration = [
             {name: tensor.numpy() for name, tensor in zip(names, batch, strict=True)}
             for batch in limit_samples(entry.calibration_set(), REFERENCE_CALIBRATION_SAMPLES)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import math
 import re
 import warnings
 from collections.abc import Sequence
@@ -50,7 +51,20 @@ from qpp.export.piecewise import (
     lower_piecewise_weight,
     piecewise_note,
 )
+from qpp.export.predictor import (
+    PREDICTED_BATCH,
+    PREDICTED_NOTE,
+    PredictedQDQ,
+    PredictorModule,
+    check_predicted_export,
+    integer_kernels_with_input_scales,
+    predicted_quantizers,
+    translations,
+)
 from qpp.graph.ops import OpKind, op_kind
+from qpp.predict.activation_qps import ActivationQPs
+from qpp.predict.predictor import LinearQPPredictor
+from qpp.predict.qps import QPMode
 from qpp.quant.affine import INT32_RANGE, quantize_bias
 from qpp.sim.bias import BiasQuantizer
 from qpp.sim.model import QUANTIZER_ROOT, QuantizedModel
@@ -96,6 +110,9 @@ class ExportReport:
     notes: list[str] = field(default_factory=list)
     #: PWLQ weights: quantizer name -> integer branches written (0: dequantized to float).
     piecewise_branches: dict[str, int] = field(default_factory=dict)
+    #: Activations quantized with QPs that predictors inside the graph compute (QPP).
+    predicted_activations: int = 0
+    predictors: int = 0
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -109,17 +126,14 @@ class _Lowered:
     biases: int = 0
     float_quantizers: list[str] = field(default_factory=list)
     piecewise_branches: dict[str, int] = field(default_factory=dict)
+    #: Activation quantizers whose QPs a predictor in the graph computes.
+    predicted_activations: int = 0
+    predictors: int = 0
 
 
-def check_exportable(model: QuantizedModel) -> None:
+def check_exportable(model: QuantizedModel, activation_qps: ActivationQPs | None = None) -> None:
     """Refuse encodings that an ONNX QDQ graph with integer kernels cannot hold."""
-    config = model.config
-    if config.activation_ranges != "static" or config.activation_scheme != "uniform":
-        raise ConfigError(
-            f"per-input activation QPs ({config.activation_ranges}, {config.activation_scheme}) "
-            "cannot be exported to ONNX yet; quantize with --activation-ranges static "
-            "--scheme uniform to export"
-        )
+    check_predicted_export(model.config, activation_qps)
     for name in model.names:
         quantizer = model.quantizer(name)
         piecewise = quantizer.spec.piecewise is not None
@@ -169,32 +183,52 @@ def output_scales(model: QuantizedModel) -> list[float | None]:
 
 
 def lower_quantizers(
-    model: QuantizedModel, weight_format: WeightFormat, piecewise: str = "branches"
+    model: QuantizedModel,
+    weight_format: WeightFormat,
+    piecewise: str = "branches",
+    activation_qps: ActivationQPs | None = None,
 ) -> GraphModule:
     """A copy of ``model``'s graph with every quantizer replaced by quantize/dequantize ops.
 
     Computes in torch exactly what the exported ONNX graph computes (int32 biases included), so
     it is also the reference for the export's own tests. ``piecewise``: how PWLQ weights are
-    written (``qpp.export.piecewise``).
+    written (``qpp.export.piecewise``); ``activation_qps``: a predicted run's predictors, which
+    become part of the graph (``qpp.export.predictor``).
     """
-    return _lower(model, weight_format, piecewise).graph_module
+    return _lower(model, weight_format, piecewise, activation_qps).graph_module
 
 
-def _lower(model: QuantizedModel, weight_format: WeightFormat, piecewise: str) -> _Lowered:
-    check_exportable(model)
+def _lower(
+    model: QuantizedModel,
+    weight_format: WeightFormat,
+    piecewise: str,
+    activation_qps: ActivationQPs | None = None,
+) -> _Lowered:
+    check_exportable(model, activation_qps)
     check_piecewise_export(piecewise)
     graph_module = copy.deepcopy(model.graph_module)
     lowered = _Lowered(graph_module)
     graph = graph_module.graph
+    predicted = set() if activation_qps is None else predicted_quantizers(activation_qps)
+    sources = {} if activation_qps is None else {p.source: p for p in activation_qps.predictors}
+    #: Predicted quantizer name -> (the latest predictor call's QPs, its index there).
+    predicted_qps: dict[str, tuple[Node, int]] = {}
     for node in list(graph.nodes):
         if node.op != "call_module" or not str(node.target).startswith(f"{QUANTIZER_ROOT}."):
             continue
         quantizer = graph_module.get_submodule(str(node.target))
         value = node.args[0]
         assert isinstance(value, Node)
+        name = getattr(quantizer, "name", None)
+        if name in sources:
+            assert activation_qps is not None
+            predictor = sources[name]
+            _insert_predictor(lowered, node, value, predictor, activation_qps, predicted_qps)
         if isinstance(quantizer, BiasQuantizer):
             replacement = (
-                _lower_bias(lowered, node, quantizer, value) if quantizer.active else value
+                _lower_bias(lowered, node, quantizer, value, predicted)
+                if quantizer.active
+                else value
             )
         elif not isinstance(quantizer, Quantizer):
             raise TypeError(f"unexpected module {type(quantizer).__name__} among the quantizers")
@@ -211,6 +245,17 @@ def _lower(model: QuantizedModel, weight_format: WeightFormat, piecewise: str) -
         elif quantizer.kind is QuantizerKind.WEIGHT:
             replacement = _lower_weight(lowered, node, quantizer, value, weight_format)
             lowered.weights += 1
+        elif quantizer.name in predicted:
+            if quantizer.name not in predicted_qps:
+                raise ConfigError(
+                    f"activation quantizer '{quantizer.name}' runs before its predictor's "
+                    "source; quantize again with other --predictor-sources"
+                )
+            qps, index = predicted_qps[quantizer.name]
+            module = PredictedQDQ(quantizer, index)
+            replacement = _call_module(lowered, node, "qpp_predicted", module, (value, qps))
+            lowered.activations += 1
+            lowered.predicted_activations += 1
         else:
             replacement = _lower_activation(lowered, node, quantizer, value)
             lowered.activations += 1
@@ -223,6 +268,56 @@ def _lower(model: QuantizedModel, weight_format: WeightFormat, piecewise: str) -
     graph.lint()
     graph_module.recompile()
     return lowered
+
+
+def _call_module(
+    lowered: _Lowered, before: Node, stem: str, module: torch.nn.Module, args: tuple[Node, ...]
+) -> Node:
+    """A new submodule of the lowered graph, called before ``before`` on ``args``."""
+    graph_module = lowered.graph_module
+    name, index = stem, 0
+    while hasattr(graph_module, name):
+        index += 1
+        name = f"{stem}_{index}"
+    graph_module.add_submodule(name, module)
+    with graph_module.graph.inserting_before(before):
+        return graph_module.graph.call_module(name, args)
+
+
+def _insert_predictor(
+    lowered: _Lowered,
+    node: Node,
+    value: Node,
+    predictor: LinearQPPredictor,
+    activation_qps: ActivationQPs,
+    predicted_qps: dict[str, tuple[Node, int]],
+) -> None:
+    """The predictor of ``node``'s quantizer, on its input, as graph ops (QPP §3): its outputs
+    become the QPs of the quantizers it predicts (recorded in ``predicted_qps``)."""
+    samplers = activation_qps.samplers
+    names = [
+        name
+        for name in dict.fromkeys(name for name, _ in predictor.targets)
+        if samplers[name].mode is QPMode.PREDICTED
+    ]
+    if not names:
+        return
+    meta = value.meta.get("val")
+    if not isinstance(meta, torch.Tensor) or meta.ndim == 0:
+        raise UnsupportedOpError(
+            f"the shape of predictor source '{predictor.source}' is unknown; quantize again "
+            "with other --predictor-sources"
+        )
+    module = PredictorModule(
+        predictor,
+        [samplers[name].quantizer for name in names],
+        {name: samplers[name].nonnegative for name in names},
+        math.prod(int(d) for d in meta.shape[1:]),
+    )
+    call = _call_module(lowered, node, "qpp_predictor", module, (value,))
+    lowered.predictors += 1
+    for index, name in enumerate(names):
+        predicted_qps[name] = (call, index)
 
 
 def _attribute(graph_module: GraphModule, target: str) -> torch.Tensor:
@@ -308,14 +403,22 @@ def _lower_activation(lowered: _Lowered, node: Node, quantizer: Quantizer, value
     return output
 
 
-def _lower_bias(lowered: _Lowered, node: Node, bias_quantizer: BiasQuantizer, bias: Node) -> Node:
+def _lower_bias(
+    lowered: _Lowered,
+    node: Node,
+    bias_quantizer: BiasQuantizer,
+    bias: Node,
+    predicted: set[str] | None = None,
+) -> Node:
     """The bias on the int32 accumulator grid, exactly as the simulation rounds it
     (``qpp.quant.affine.quantize_bias``, white paper eq. 11).
 
     Convs and 2-D linears (ONNX Conv / Gemm) get an int32 initializer and ``DequantizeLinear``
     at scale ``s_x s_w``, which ORT's QLinearConv / QGemm fusions take as their int32 bias.
     Linears on 3-D inputs export as MatMul + Add, and ORT's MatMulIntegerToFloat adds a float
-    bias: they get the dequantized values as a float initializer (the same numbers).
+    bias: they get the dequantized values as a float initializer (the same numbers), as do
+    layers whose input has predicted QPs (``predicted``): ``qpp.export.predictor`` runs those
+    with integer kernels that add a float bias.
     """
     ops = _quantized_decomposed()
     graph_module = lowered.graph_module
@@ -326,10 +429,13 @@ def _lower_bias(lowered: _Lowered, node: Node, bias_quantizer: BiasQuantizer, bi
         bias_quantizer.weight.scale,
     )
     (consumer,) = node.users
-    as_int32 = op_kind(consumer) is OpKind.CONV or (
-        op_kind(consumer) is OpKind.LINEAR
-        and consumer.target not in (torch.ops.aten.addmm.default, torch.addmm)
-        and _rank(consumer.args[0]) == 2
+    as_int32 = bias_quantizer.activation.name not in (predicted or set()) and (
+        op_kind(consumer) is OpKind.CONV
+        or (
+            op_kind(consumer) is OpKind.LINEAR
+            and consumer.target not in (torch.ops.aten.addmm.default, torch.addmm)
+            and _rank(consumer.args[0]) == 2
+        )
     )
     with graph.inserting_before(node):
         if not as_int32:
@@ -371,21 +477,29 @@ def export_onnx(
     input_names: Sequence[str] | None = None,
     force: bool = False,
     piecewise: str = "branches",
+    activation_qps: ActivationQPs | None = None,
 ) -> ExportReport:
     """Write ``model`` as an ONNX QDQ graph to ``path`` (dim 0 of every input dynamic).
 
     ``weight_format=None`` picks the format that stays exact on this machine's CPU
     (``choose_weight_format``); ``piecewise``: the form of PWLQ weights
-    (``qpp.export.piecewise``: branches or dequantized).
+    (``qpp.export.piecewise``: branches or dequantized); ``activation_qps``: the predictors of
+    a run with predicted activation QPs, which the graph then computes per input (batch 1,
+    ``qpp.export.predictor``).
     """
     path = Path(path)
     check_output_path(path, force)
     if weight_format is None:
         weight_format = choose_weight_format(model, detect_isa())
-    lowered = _lower(model, weight_format, piecewise)
+    lowered = _lower(model, weight_format, piecewise, activation_qps)
     inputs = tuple(example_inputs)
     names = list(input_names) if input_names else [f"input{i}" for i in range(len(inputs))]
-    proto = onnx_graph(lowered.graph_module, inputs, names)
+    predicted = lowered.predicted_activations > 0
+    if predicted:
+        inputs = tuple(x[:PREDICTED_BATCH] if x.ndim else x for x in inputs)
+    proto = onnx_graph(
+        lowered.graph_module, inputs, names, dynamic_batch=not predicted, predicted=predicted
+    )
     import onnx
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -400,8 +514,22 @@ def export_onnx(
         int32_biases=lowered.biases,
         opset=opset,
         float_quantizers=lowered.float_quantizers,
-        notes=_notes(model, weight_format) + piecewise_note(lowered.piecewise_branches),
+        notes=_notes(model, weight_format)
+        + piecewise_note(lowered.piecewise_branches)
+        + (
+            [
+                PREDICTED_NOTE.format(
+                    predictors=lowered.predictors,
+                    activations=lowered.predicted_activations,
+                    batch=PREDICTED_BATCH,
+                )
+            ]
+            if predicted
+            else []
+        ),
         piecewise_branches=lowered.piecewise_branches,
+        predicted_activations=lowered.predicted_activations,
+        predictors=lowered.predictors,
     )
 
 
@@ -410,10 +538,15 @@ def onnx_graph(
     inputs: tuple[torch.Tensor, ...],
     names: list[str],
     dynamic_batch: bool = True,
+    predicted: bool = False,
 ) -> object:
     """The ``ModelProto`` of a lowered graph (``lower_quantizers``), with the rewrites that make
-    ORT run it faster and the file smaller (``qpp.export.compact``)."""
+    ORT run it faster and the file smaller (``qpp.export.compact``). ``predicted``: the graph
+    computes activation QPs at run time (the QPP predictor), whose layers get integer kernels
+    that take their input scale as a tensor."""
     proto = _torch_export(lowered, inputs, names, dynamic_batch)
+    if predicted:
+        integer_kernels_with_input_scales(proto)
     global_average_pools(proto)
     hard_swishes(proto)
     _strip_metadata(proto)
@@ -460,7 +593,8 @@ def _torch_export(
     names: list[str],
     dynamic_batch: bool = True,
 ) -> object:
-    """``torch.onnx.export`` (dynamo) to an in-memory ``ModelProto``; a failure names the op."""
+    """``torch.onnx.export`` (dynamo) to an in-memory ``ModelProto``; a failure names the op.
+    Dim 0 of every input is dynamic when ``dynamic_batch`` (unless the model bakes it in)."""
     batch = torch.export.Dim("batch")
     dynamic = tuple({0: batch} if x.ndim > 0 else None for x in inputs)
     from qpp.graph.capture import _torch_reports_silenced
@@ -473,15 +607,15 @@ def _torch_export(
             contextlib.redirect_stdout(io.StringIO()),
         ):
             warnings.simplefilter("ignore")
+            options = {"dynamo": True, "input_names": names}
+            options["custom_translation_table"] = translations()
             try:
                 if not dynamic_batch:
-                    raise ValueError("static shapes asked for")
-                program = torch.onnx.export(
-                    model, inputs, dynamo=True, input_names=names, dynamic_shapes=dynamic
-                )
+                    raise ValueError("the batch size is fixed")
+                program = torch.onnx.export(model, inputs, dynamic_shapes=dynamic, **options)
             except Exception:
                 # Models whose batch size is baked in (a reshape to a constant) export static.
-                program = torch.onnx.export(model, inputs, dynamo=True, input_names=names)
+                program = torch.onnx.export(model, inputs, **options)
     except Exception as error:
         raise UnsupportedOpError(_export_failure(error)) from None
     assert program is not None

@@ -27,6 +27,7 @@ from qpp.predict.predictor import (
     LinearQPPredictor,
     check_feature_names,
     feature_flops,
+    round_log_ranges,
     sample_features,
 )
 from qpp.predict.qps import (
@@ -226,7 +227,9 @@ class ActivationQPs:
                 return
             features = predictor.features(args[0])
             log_qps = predictor.predict_log(features, self.settings.threshold_margin)
-            assign_predictions(self.samplers, predictor.targets, torch.exp(log_qps))
+            ranges = torch.tensor([kind != "threshold" for _, kind in predictor.targets])
+            log_qps = torch.where(ranges, round_log_ranges(log_qps), log_qps)
+            assign_predictions(self.samplers, predictor.targets, torch.exp(log_qps).float())
 
         return hook
 

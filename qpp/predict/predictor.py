@@ -22,6 +22,18 @@ from qpp.predict.qps import column_subset
 DEFAULT_FEATURES = ("mean", "max", "q0.9", "q0.99", "q0.999")
 #: Positive statistics enter in log space, like the (log) QPs they predict.
 _LOG_FLOOR = 1e-12
+#: Predicted log ranges are rounded to this grid (0.8 % steps of the range): a deployed graph
+#: computes its source tensors with other float rounding than the simulation (integer
+#: kernels, fused activations), so its features differ by ~1e-6; unrounded, every predicted
+#: scale would differ by as much and flip the rounding of ~1e-4 of all values per layer, an
+#: error that grows layer by layer (PP-OCR cls: 39 output steps). On the grid both land on the
+#: same scale except when a value falls within ~1e-6 of a grid boundary.
+LOG_RANGE_STEP = 1.0 / 128
+
+
+def round_log_ranges(log_qps: torch.Tensor) -> torch.Tensor:
+    """``log q̂`` on the ``LOG_RANGE_STEP`` grid (exact in float64: the step is 2^-7)."""
+    return torch.round(log_qps / LOG_RANGE_STEP) * LOG_RANGE_STEP
 
 
 def check_feature_names(names: tuple[str, ...]) -> None:
@@ -57,11 +69,14 @@ def sample_features(
 
     With ``max_elements``, the statistics read a fixed random subset of that many elements of
     each sample (the same positions for every input), so a source deep in a large model costs
-    a few thousand operations, not a pass over its whole feature map."""
+    a few thousand operations, not a pass over its whole feature map.
+
+    Computed in float64: its sums and logs then round the same way in any runtime once cast
+    back to float32, so the ONNX export (``qpp.export.predictor``) reproduces the QPs exactly."""
     rows = x.detach().reshape(x.shape[0], -1)
     if max_elements is not None and rows.shape[1] > max_elements:
         rows = rows[:, column_subset(rows.shape[1], max_elements)]
-    rows = rows.float()
+    rows = rows.double()
     magnitudes = rows.abs()
     columns: list[torch.Tensor] = []
     for name in names:
@@ -134,13 +149,15 @@ class LinearQPPredictor:
         return sample_features(x, self.feature_names, self.max_elements)
 
     def predict_log(self, features: torch.Tensor, threshold_margin: float = 0.0) -> torch.Tensor:
-        """``log q̂`` per sample and target; Dense+Sparse thresholds raised by
-        ``threshold_margin`` residual standard deviations."""
-        standardized = (features - self.feature_mean) / self.feature_std
-        predicted = self.weight[0] + standardized @ self.weight[1:]
+        """``log q̂`` per sample and target (float64, like the features); Dense+Sparse thresholds
+        raised by ``threshold_margin`` residual standard deviations."""
+        features = features.double()
+        standardized = (features - self.feature_mean.double()) / self.feature_std.double()
+        weight = self.weight.double()
+        predicted = weight[0] + standardized @ weight[1:]
         if threshold_margin and self.residual_std is not None:
             is_threshold = torch.tensor([kind == "threshold" for _, kind in self.targets])
-            predicted = predicted + threshold_margin * self.residual_std * is_threshold
+            predicted = predicted + threshold_margin * self.residual_std.double() * is_threshold
         return predicted
 
     def r_squared(self, features: torch.Tensor, log_qps: torch.Tensor) -> torch.Tensor:

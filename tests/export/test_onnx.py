@@ -216,7 +216,7 @@ def test_refuses_what_onnx_qdq_cannot_express(digits: Exported, tmp_path: Path) 
 
     calibration = DigitsCNN(num_calibration=16).calibration_set()
     for settings, message in (
-        ({"activation_scheme": "dense-sparse"}, "per-input activation QPs"),
+        ({"activation_scheme": "dense-sparse"}, "float side tensor"),
         ({"activation_quantizer": "pwlq"}, "piecewise linear"),
     ):
         model = qpp.quantize(digits.fp32, calibration, QuantConfig(**settings))
