@@ -319,7 +319,11 @@ def gathered_embeddings(proto: Any) -> int:
                 new += [
                     onnx.helper.make_node("Gather", [zero_name, indices], [f"{stem}_zq"]),
                     onnx.helper.make_node(
-                        "Cast", [f"{stem}_zq"], [f"{stem}_z"], to=onnx.TensorProto.FLOAT
+                        "Cast", [f"{stem}_zq"], [f"{stem}_zf"], to=onnx.TensorProto.FLOAT
+                    ),
+                    # one zero point per gathered row: a trailing axis to broadcast over it
+                    onnx.helper.make_node(
+                        "Unsqueeze", [f"{stem}_zf", f"{stem}_axes"], [f"{stem}_z"]
                     ),
                     onnx.helper.make_node("Sub", [f"{stem}_f", f"{stem}_z"], [f"{stem}_d"]),
                 ]

@@ -32,7 +32,8 @@ def test_digits_run_exports_with_integer_kernels_and_parity(
     path = tmp_path / "digits.onnx"
     result = _export_json(qpp, digits_folder, path, "--check")
     onnx.checker.check_model(str(path))
-    assert result["kernels"] == {"integer": {"QGemm": 1, "QLinearConv": 5}, "float_compute": {}}
+    integer = {"QGemm": 1, "QLinearConv": 5, "QLinearAdd": 1, "QLinearGlobalAveragePool": 1}
+    assert result["kernels"] == {"integer": integer, "float_compute": {}}
     assert result["export"]["float_quantizers"] == []
     parity = result["parity"]
     assert parity["passed"]

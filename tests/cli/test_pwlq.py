@@ -37,7 +37,12 @@ def test_pwlq_run_reports_storage_and_reproduces(qpp, tmp_path: Path) -> None:
     assert exported.exit_code == 0, exported.output
     export = json.loads(exported.stdout)
     assert export["parity"]["passed"] and export["parity"]["metric_difference"] == 0
-    assert export["kernels"]["integer"] == {"ConvInteger": 15, "QGemm": 3}  # 3 branches each
+    layers = {"ConvInteger": 15, "QGemm": 3}  # 3 branches each
+    assert export["kernels"]["integer"] == {
+        **layers,
+        "QLinearAdd": 1,
+        "QLinearGlobalAveragePool": 1,
+    }
     assert export["kernels"]["float_compute"] == {}
     assert set(export["export"]["piecewise_branches"].values()) == {3}
     odd = qpp("export", folder, "--onnx", tmp_path / "odd.onnx", "--pwlq-export", "float")
