@@ -104,13 +104,7 @@ def _fold_pair(graph_module: GraphModule, layer: Node, batch_norm: Node) -> bool
         with torch.no_grad():
             bias.copy_(folded_bias)
     else:
-        owner_path, _, leaf = weight_target.rpartition(".")
-        owner = graph_module.get_submodule(owner_path) if owner_path else graph_module
-        bias_name = _free_attribute(owner, leaf.replace("weight", "bias") or "bias")
-        owner.register_parameter(bias_name, torch.nn.Parameter(folded_bias, requires_grad=False))
-        with graph_module.graph.inserting_before(layer):
-            new_bias = graph_module.graph.get_attr(f"{owner_path}.{bias_name}".lstrip("."))
-        layer.args = (*layer.args[:2], new_bias, *layer.args[3:])
+        _attach_bias(graph_module, layer, folded_bias)
     graph_module.meta.setdefault(FOLDED_STATISTICS, {})[layer.name] = FoldedBatchNorm(
         mean=beta64.detach().float(), std=gamma64.detach().abs().float()
     )
@@ -123,6 +117,20 @@ def _fold_pair(graph_module: GraphModule, layer: Node, batch_norm: Node) -> bool
     batch_norm.replace_all_uses_with(replacement)
     graph_module.graph.erase_node(batch_norm)
     return True
+
+
+def _attach_bias(graph_module: GraphModule, layer: Node, bias: torch.Tensor) -> None:
+    """Give ``layer`` (whose bias argument is absent or shared) its own bias parameter, beside
+    its weight."""
+    weight_target = str(layer.args[1].target)  # type: ignore[union-attr]
+    owner_path, _, leaf = weight_target.rpartition(".")
+    owner = graph_module.get_submodule(owner_path) if owner_path else graph_module
+    bias_name = _free_attribute(owner, leaf.replace("weight", "bias") or "bias")
+    owner.register_parameter(bias_name, torch.nn.Parameter(bias, requires_grad=False))
+    with graph_module.graph.inserting_before(layer):
+        bias_node = graph_module.graph.get_attr(f"{owner_path}.{bias_name}".lstrip("."))
+    padded = list(layer.args) + [None] * max(0, 3 - len(layer.args))
+    layer.args = (*padded[:2], bias_node, *padded[3:])
 
 
 def _free_attribute(owner: torch.nn.Module, name: str) -> str:
@@ -181,16 +189,7 @@ def _fold_bias_add(graph_module: GraphModule, add: Node, layer: object, constant
     shape = [1] * (output.ndim - value.ndim) + list(value.shape)
     if value.numel() != channels or shape != expected:
         return False
-    weight_target = str(layer.args[1].target)  # type: ignore[union-attr]
-    owner_path, _, leaf = weight_target.rpartition(".")
-    owner = graph_module.get_submodule(owner_path) if owner_path else graph_module
-    bias_name = _free_attribute(owner, leaf.replace("weight", "bias") or "bias")
-    bias = value.detach().reshape(channels).to(weight.dtype).clone()
-    owner.register_parameter(bias_name, torch.nn.Parameter(bias, requires_grad=False))
-    with graph_module.graph.inserting_before(layer):
-        bias_node = graph_module.graph.get_attr(f"{owner_path}.{bias_name}".lstrip("."))
-    padded = list(layer.args) + [None] * max(0, 3 - len(layer.args))
-    layer.args = (*padded[:2], bias_node, *padded[3:])
+    _attach_bias(graph_module, layer, value.detach().reshape(channels).to(weight.dtype).clone())
     layer.meta = {**layer.meta, "val": add.meta.get("val", output)}
     add.replace_all_uses_with(layer)
     graph_module.graph.erase_node(add)
@@ -310,19 +309,11 @@ def _foldable_layer(graph_module: GraphModule, layer: object) -> torch.Tensor | 
 
 def _set_layer_bias(graph_module: GraphModule, layer: Node, bias: torch.Tensor) -> None:
     bias_node = layer.args[2] if len(layer.args) > 2 else None
-    if bias_node is not None:
-        with torch.no_grad():
-            _get_attr(graph_module, str(bias_node.target)).copy_(bias)  # type: ignore[union-attr]
+    if bias_node is None:
+        _attach_bias(graph_module, layer, bias)
         return
-    weight_target = str(layer.args[1].target)  # type: ignore[union-attr]
-    owner_path, _, leaf = weight_target.rpartition(".")
-    owner = graph_module.get_submodule(owner_path) if owner_path else graph_module
-    bias_name = _free_attribute(owner, leaf.replace("weight", "bias") or "bias")
-    owner.register_parameter(bias_name, torch.nn.Parameter(bias, requires_grad=False))
-    with graph_module.graph.inserting_before(layer):
-        new_bias = graph_module.graph.get_attr(f"{owner_path}.{bias_name}".lstrip("."))
-    padded = list(layer.args) + [None] * max(0, 3 - len(layer.args))
-    layer.args = (*padded[:2], new_bias, *padded[3:])
+    with torch.no_grad():
+        _get_attr(graph_module, str(bias_node.target)).copy_(bias)  # type: ignore[union-attr]
 
 
 def _layer_bias(graph_module: GraphModule, layer: Node, weight: torch.Tensor) -> torch.Tensor:
