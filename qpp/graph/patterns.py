@@ -5,7 +5,10 @@
   chains where every op in between is positively homogeneous, so scaling the first layer's
   output channels by ``1/s`` and the second layer's input channels by ``s`` keeps the function
   (cross-layer equalization, Nagel et al. 2019). Depthwise convs take part on either side.
-- ``activation_after``: the ReLU a layer's output passes through, if any (AdaRound's ``f_a``).
+- ``activation_after``: the elementwise activation a layer's output passes through, if any
+  (AdaRound's ``f_a``): ReLU, a clamp (ReLU6, hardtanh, clip), hardswish and swish, also in
+  the decomposed forms ONNX opset < 14 exports (``x * clip(x + 3, 0, 6) / 6``,
+  ``x * sigmoid(a x)``).
 - ``batch_norm_inputs``: layers whose input is ``[ReLU](BN(layer))``, with the folded batch
   norm's statistics (analytic bias correction).
 - ``lookup_sums``: lookups (embedding tables) whose outputs are added together, as BERT adds
@@ -17,7 +20,7 @@ after insertion.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.fx import GraphModule, Node
@@ -263,10 +266,237 @@ def _value_arg(node: Node, value: Node) -> Node:
     return value
 
 
-def activation_after(layer: WeightLayer) -> str | None:
-    """``"relu"`` when the layer's output goes only through a ReLU, else ``None``."""
-    user = sole_user(layer.node)
-    return "relu" if user is not None and user.target in _RELUS else None
+@dataclass(frozen=True, eq=False)
+class Activation:
+    """The elementwise map ``f_a`` between a layer's output and its next use (AdaRound's
+    eq. 25): an optional per-channel affine ``a ⊙ y + c`` (a batch norm left unfolded, e.g.
+    ``Mul``/``Add`` in an ONNX export), then ``kind``: ``identity``; ``relu``; ``clamp``
+    (``clamp(z, low, high)``: ReLU6, hardtanh, clip, the clip of a hardsigmoid);
+    ``hardswish`` (``z · clamp(z + 3, 0, 6) / 6``); ``swish`` (``z · σ(slope · z)``, SiLU at
+    slope 1). ``scale`` and ``offset`` have one value per output channel (or one in all).
+    ``value`` and ``derivative`` are what AdaRound's hand-written gradient needs; outputs are
+    rows ``(..., channels)``.
+    """
+
+    kind: str
+    low: float = 0.0
+    high: float = 0.0
+    slope: float = 1.0
+    scale: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
+
+    def affine(self, y: torch.Tensor) -> torch.Tensor:
+        """``a ⊙ y + c``."""
+        if self.scale is not None:
+            y = y * self.scale
+        return y + self.offset if self.offset is not None else y
+
+    def value(self, y: torch.Tensor) -> torch.Tensor:
+        """``f_a(y)``."""
+        z = self.affine(y)
+        if self.kind == "identity":
+            return z
+        if self.kind == "relu":
+            return torch.relu(z)
+        if self.kind == "clamp":
+            return z.clamp(self.low, self.high)
+        if self.kind == "hardswish":
+            return z * (z + 3).clamp(0, 6) / 6
+        if self.kind == "swish":
+            return z * torch.sigmoid(self.slope * z)
+        raise ValueError(f"unknown activation kind {self.kind!r}")
+
+    def derivative(self, y: torch.Tensor) -> torch.Tensor:
+        """``f_a'(y)``; at the kinks the value torch's own backward takes (ReLU: 0 at 0;
+        hardswish: 0 at -3, 1 at 3)."""
+        z = self.affine(y)
+        if self.kind == "identity":
+            slope = torch.ones_like(z)
+        elif self.kind == "relu":
+            slope = (z > 0).to(z.dtype)
+        elif self.kind == "clamp":
+            slope = ((z > self.low) & (z < self.high)).to(z.dtype)
+        elif self.kind == "hardswish":
+            slope = torch.where(z <= -3, 0.0, torch.where(z >= 3, 1.0, (2 * z + 3) / 6))
+        elif self.kind == "swish":
+            gate = torch.sigmoid(self.slope * z)
+            slope = gate + self.slope * z * gate * (1 - gate)
+        else:
+            raise ValueError(f"unknown activation kind {self.kind!r}")
+        return slope * self.scale if self.scale is not None else slope
+
+    @property
+    def plain_relu(self) -> bool:
+        """ReLU with no affine before it (the solver's masked fast path)."""
+        return self.kind == "relu" and self.scale is None and self.offset is None
+
+
+_CLAMPS = (aten.hardtanh.default, aten.clamp.default, aten.clip.default)
+_MULS = (aten.mul.Tensor,)
+_DIVS = (aten.div.Tensor,)
+_SUBS = (aten.sub.Tensor,)
+
+
+def activation_after(graph_module: GraphModule, layer: WeightLayer) -> Activation | None:
+    """The elementwise map that alone reads ``layer``'s output (stepping over quantizers): a
+    per-channel affine (``mul``/``div`` by and ``add``/``sub`` of constants) and/or an
+    activation, or ``None`` when there is neither. Decomposed hardswish and swish count when
+    every op of the decomposition reads only that value and constants, and nothing else reads
+    their intermediates."""
+    channels = get_attr(graph_module, layer.weight).shape[0]
+    value = _skip_forward(layer.node)
+    scale = offset = None
+    while len(value.users) == 1:
+        user = next(iter(value.users))
+        constant = _channel_vector(graph_module, user, value, channels, layer.is_conv)
+        if constant is None:
+            break
+        if user.target in _MULS or (user.target in _DIVS and user.args[0] is value):
+            factor = constant if user.target in _MULS else 1 / constant
+            scale = factor if scale is None else scale * factor
+            offset = offset * factor if offset is not None else None
+        elif user.target in _ADDS or (user.target in _SUBS and user.args[0] is value):
+            shift = constant if user.target in _ADDS else -constant
+            offset = shift if offset is None else offset + shift
+        else:
+            break
+        value = _skip_forward(user)
+    found = _activation(graph_module, value)
+    if found is None:
+        return (
+            None
+            if scale is None and offset is None
+            else Activation("identity", **_affine(scale, offset, channels))
+        )
+    return replace(found, **_affine(scale, offset, channels))
+
+
+def _affine(
+    scale: torch.Tensor | None, offset: torch.Tensor | None, channels: int
+) -> dict[str, torch.Tensor | None]:
+    def full(vector: torch.Tensor | None) -> torch.Tensor | None:
+        return None if vector is None else vector.expand(channels).clone()
+
+    return {"scale": full(scale), "offset": full(offset)}
+
+
+def _skip_forward(node: Node) -> Node:
+    """``node``, or the last of a chain of quantizers that alone read it."""
+    while len(node.users) == 1 and is_quantizer(next(iter(node.users))):
+        node = next(iter(node.users))
+    return node
+
+
+def _channel_vector(
+    graph_module: GraphModule, node: Node, value: Node, channels: int, is_conv: bool
+) -> torch.Tensor | None:
+    """The constant a binary op combines ``value`` with, as a per-channel vector (one value or
+    one per channel, broadcast along the channel axis only), else ``None``."""
+    if node.target not in (*_MULS, *_DIVS, *_ADDS, *_SUBS) or node.kwargs:
+        return None
+    if len(node.args) != 2 or value not in node.args:
+        return None
+    other = node.args[1] if node.args[0] is value else node.args[0]
+    if isinstance(other, int | float) and not isinstance(other, bool):
+        return torch.tensor([float(other)])
+    if not (isinstance(other, Node) and other.op == "get_attr"):
+        return None
+    tensor = get_attr(graph_module, str(other.target)).detach().float()
+    if tensor.numel() == 1:
+        return tensor.reshape(1)
+    axis = -3 if is_conv else -1  # conv: (C, 1, 1) or (1, C, 1, 1); linear: (C,) or (1, C)
+    shape = list(tensor.shape)
+    if tensor.numel() != channels or len(shape) < -axis or shape[axis] != channels:
+        return None
+    return tensor.reshape(channels)
+
+
+def _activation(graph_module: GraphModule, value: Node) -> Activation | None:
+    """The activation that alone reads ``value``, in one op or a known decomposition."""
+    users = list(value.users)
+    if len(users) == 1:
+        user = users[0]
+        if user.target in _RELUS:
+            return Activation("relu")
+        if user.target in (aten.relu6.default,):
+            return Activation("clamp", 0.0, 6.0)
+        if user.target in _CLAMPS and not user.kwargs:
+            defaults = (-1.0, 1.0) if user.target is aten.hardtanh.default else (None, None)
+            bounds = [*user.args[1:3], *defaults[len(user.args) - 1 :]]
+            low, high = (_number(graph_module, a) for a in bounds)
+            if low is not None and high is not None and low < high:
+                return Activation("clamp", low, high)
+            return None
+        if user.target is aten.hardswish.default:
+            return Activation("hardswish")
+        if user.target is aten.silu.default:
+            return Activation("swish")
+        return None
+    if len(users) == 2:
+        return _hardswish(graph_module, value, users) or _swish(graph_module, value, users)
+    return None
+
+
+def _hardswish(graph_module: GraphModule, value: Node, users: list[Node]) -> Activation | None:
+    """``value * clamp(value + 3, 0, 6) / 6``."""
+    adds = [u for u in users if u.target in _ADDS and _other(u, value, graph_module) == 3.0]
+    muls = [u for u in users if u.target in _MULS]
+    if len(adds) != 1 or len(muls) != 1 or len(adds[0].users) != 1:
+        return None
+    clamp = next(iter(adds[0].users))
+    if clamp.target not in _CLAMPS or len(clamp.users) != 1:
+        return None
+    bounds = tuple(_number(graph_module, a) for a in clamp.args[1:3])
+    multiply = muls[0]
+    if bounds != (0.0, 6.0) or set(multiply.args) != {value, clamp} or len(multiply.users) != 1:
+        return None
+    divide = next(iter(multiply.users))
+    if divide.target not in _DIVS or divide.args[0] is not multiply:
+        return None
+    return Activation("hardswish") if _number(graph_module, divide.args[1]) == 6.0 else None
+
+
+def _swish(graph_module: GraphModule, value: Node, users: list[Node]) -> Activation | None:
+    """``value * sigmoid(value)`` or ``value * sigmoid(a * value)``."""
+    sigmoids = [u for u in users if u.target is aten.sigmoid.default]
+    scales = [u for u in users if u.target in _MULS and len(u.users) == 1]
+    slope = 1.0
+    if not sigmoids:
+        for scale in scales:
+            gate = next(iter(scale.users))
+            factor = _other(scale, value, graph_module)
+            if gate.target is aten.sigmoid.default and factor is not None:
+                sigmoids, slope = [gate], factor
+                break
+    if len(sigmoids) != 1 or len(sigmoids[0].users) != 1:
+        return None
+    multiply = next(iter(sigmoids[0].users))
+    if multiply.target not in _MULS or set(multiply.args) != {value, sigmoids[0]}:
+        return None
+    if multiply not in users:
+        return None
+    return Activation("swish", slope=slope)
+
+
+def _number(graph_module: GraphModule, arg: object) -> float | None:
+    """A Python number, or a one-element constant tensor (``get_attr``), as a float."""
+    if isinstance(arg, bool):
+        return None
+    if isinstance(arg, int | float):
+        return float(arg)
+    if isinstance(arg, Node) and arg.op == "get_attr":
+        tensor = get_attr(graph_module, str(arg.target))
+        if tensor.numel() == 1:
+            return float(tensor)
+    return None
+
+
+def _other(node: Node, value: Node, graph_module: GraphModule) -> float | None:
+    """The constant ``node`` combines ``value`` with (binary ops), as a float."""
+    if len(node.args) != 2 or value not in node.args:
+        return None
+    other = node.args[1] if node.args[0] is value else node.args[0]
+    return _number(graph_module, other)
 
 
 @dataclass(frozen=True)
