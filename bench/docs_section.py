@@ -19,3 +19,34 @@ def write_section(section: str, start_mark: str, end_mark: str, docs: Path = DOC
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     docs.parent.mkdir(parents=True, exist_ok=True)
     docs.write_text(text)
+
+
+def write_model_section(
+    bench: str, name: str, models: tuple[str, ...], section: str, docs: Path = DOCS
+) -> None:
+    """Write one model's part of a bench's results between ``<!-- bench:name:start/end -->``.
+
+    Models are run one at a time (each with its own budget, on a shared machine), so a run
+    replaces only the tables of the models it ran; a new one goes after the bench's own section
+    and the models before it in ``models`` order. ``section`` is the text without the marks.
+    """
+    start, end = model_marks(bench, name)
+    text = docs.read_text() if docs.is_file() else "# Benchmarks\n"
+    if start not in text:
+        earlier = [model_marks(bench, model)[1] for model in models[: models.index(name)]]
+        anchor = max(
+            (
+                text.index(mark) + len(mark)
+                for mark in [f"<!-- {bench}:end -->", *earlier]
+                if mark in text
+            ),
+            default=len(text),
+        )
+        text = text[:anchor] + f"\n\n{start}\n{end}" + text[anchor:]
+        docs.write_text(text)
+    write_section(f"{start}\n{section.strip()}\n{end}", start, end, docs)
+
+
+def model_marks(bench: str, name: str) -> tuple[str, str]:
+    """The marks around model ``name``'s part of ``bench``'s results."""
+    return f"<!-- {bench}:{name}:start -->", f"<!-- {bench}:{name}:end -->"

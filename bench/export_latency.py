@@ -29,7 +29,7 @@ from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from docs_section import write_section
+from docs_section import write_model_section, write_section
 from ort_compare import MODELS, QUICK_SIZES, log, machine_line, make_entry
 
 REPO = Path(__file__).resolve().parent.parent
@@ -173,12 +173,14 @@ def model_table(row: dict) -> str:
     return "\n".join(lines)
 
 
-def docs_section(tables: str, total: float, command: str, isa: str) -> str:
+def docs_section() -> str:
+    """The bench's description; each model's tables follow in their own section."""
     return f"""{START_MARK}
 ## qpp ONNX QDQ export: parity and latency (`bench/export_latency.py`)
 
-{machine_line()} ISA as qpp detects it: {isa}. Command: `{command}`; the whole run took
-{total / 60:.1f} min. Data: the `--quick` sizes of `ort_compare.py` ({QUICK_SIZES}).
+One section per model below, each with the run that measured it (its date, machine, ISA and
+command): a run replaces only the models it ran. Data: the `--quick` sizes of `ort_compare.py`
+({QUICK_SIZES}).
 
 Parity: the exported file in ONNX Runtime (all graph optimizations, so the fused integer
 kernels run) against qpp's simulation on the evaluation set. "max steps" is the largest
@@ -187,7 +189,7 @@ output, (max - min) / 255 of the simulated output for a float one (all zoo outpu
 logits, probabilities, embeddings); "teacher-forced": every activation quantizer's integers as
 ORT computes them when each op is fed the simulation's integer inputs (`qpp.export.teacher`),
 so one float tie does not cascade: the largest difference in steps, how many tensors, and the
-share of values that differ. On this CPU (no VNNI) 7-bit weights are stored as int8 (ORT's u8s8
+share of values that differ. Without VNNI, 7-bit weights are stored as int8 (ORT's u8s8
 kernels, which cannot saturate with 7-bit weights; 8-bit weights would be uint8 shifted by 128
 for the exact u8u8 kernels). Latency: medians of round-robin `session.run` calls on the same
 evaluation samples (batch 32: the first 32), `--threads` intra-op threads per session (the
@@ -209,13 +211,21 @@ differences) put a value exactly between two grid points on different sides now 
 (ppocr-cls before the Add folding: 3 of 884,736 values of its 7th conv output one step off on
 one batch, growing layer by layer to 16 % of the values of the last ones); a model that
 amplifies one-step changes shows it at its outputs, the task metric does not.
-
-{tables}
 {END_MARK}"""
 
 
-def write_docs(section: str) -> None:
-    write_section(section, START_MARK, END_MARK, DOCS)
+def model_docs_section(table: str, seconds: float, command: str, isa: str) -> str:
+    return f"""{table}
+
+{machine_line()} ISA as qpp detects it: {isa}. Command: `{command}`; this model took
+{seconds / 60:.1f} min."""
+
+
+def write_docs(tables: dict[str, tuple[str, float]], command: str, isa: str) -> None:
+    write_section(docs_section(), START_MARK, END_MARK, DOCS)
+    for name, (table, seconds) in tables.items():
+        section = model_docs_section(table, seconds, command, isa)
+        write_model_section("export_latency", name, MODELS, section, DOCS)
 
 
 def main(argv: list[str]) -> None:
@@ -239,17 +249,18 @@ def main(argv: list[str]) -> None:
     from qpp.export.isa import detect_isa
 
     started = time.perf_counter()
-    tables = []
+    tables: dict[str, tuple[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="export_latency.") as temporary:
         for name in args.models.split(","):
+            model_started = time.perf_counter()
             table = model_table(measure_model(name, Path(temporary), args.seconds, args.threads))
             print(table + "\n", flush=True)
-            tables.append(table + "\n")
+            tables[name] = (table, time.perf_counter() - model_started)
     total = time.perf_counter() - started
     log(f"done in {total / 60:.1f} min")
     if not args.no_docs:
         command = ".venv/bin/python bench/export_latency.py " + " ".join(argv)
-        write_docs(docs_section("\n".join(tables), total, command.strip(), detect_isa().summary()))
+        write_docs(tables, command.strip(), detect_isa().summary())
         log(f"wrote {DOCS.relative_to(REPO)}")
 
 

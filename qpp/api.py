@@ -8,7 +8,7 @@ import torch
 
 from qpp.data import check_batches
 from qpp.graph.capture import capture
-from qpp.graph.fold import fold_batch_norms, fold_bias_adds
+from qpp.graph.fold import fold_batch_norms, fold_bias_adds, fold_scalar_affines
 from qpp.graph.placement import place_quantizers
 from qpp.predict import configure_activation_qps, settings_from_config
 from qpp.ptq.activations import data_positions, real_positions
@@ -20,11 +20,13 @@ Batch = Sequence[torch.Tensor]
 
 
 def prepare(model: torch.nn.Module, example: Batch, config: QuantConfig) -> QuantizedModel:
-    """Capture ``model``, fold batch norms and insert quantizers (not yet calibrated)."""
+    """Capture ``model``, fold batch norms, bias adds and scalar affines into their layers, and
+    insert quantizers (not yet calibrated)."""
     graph_module = capture(model, example)
     if config.fold_batch_norm:
         fold_batch_norms(graph_module)
         fold_bias_adds(graph_module)
+        fold_scalar_affines(graph_module)
     return QuantizedModel(graph_module, place_quantizers(graph_module, config.policy), config)
 
 

@@ -198,6 +198,38 @@ def test_seven_bit_weights_export_as_int8_and_stay_exact(digits: Exported, tmp_p
     assert (difference <= 1e-5).mean() >= 0.95
 
 
+def test_four_bit_weights_live_in_an_int8_container(digits: Exported, tmp_path: Path) -> None:
+    """ORT's integer kernels take 8-bit operands only, so 4-bit weights are stored as int8 on
+    their own 16-value grid: the same integer kernels run, and ORT computes what the sim does."""
+    entry = DigitsCNN(num_calibration=32)
+    model = qpp.quantize(digits.fp32, entry.calibration_set(), qpp.QuantConfig(weight_bits=4))
+    path = tmp_path / "w4.onnx"
+    kernels = _export(model, digits.batches[0], path)
+    assert kernels.integer == digits.kernels.integer
+    proto = onnx.load(str(path))
+    initializers = _folded_constants(proto)
+    weights = [
+        initializers[node.input[0]]
+        for node in proto.graph.node
+        if node.op_type == "DequantizeLinear"
+        and node.input[0] in initializers
+        and initializers[node.input[0]].dtype != np.int32
+    ]
+    assert len(weights) == 6
+    for values in weights:
+        assert values.dtype == np.int8 and values.min() >= -8 and values.max() <= 7
+    simulated = qpp.run(model, digits.batches)
+    deployed = run_session(make_session(path), digits.batches)
+    report = check_parity(
+        [simulated],
+        deployed,
+        output_scales(model),
+        lambda outputs: {"top1": float((outputs.argmax(1) == simulated.argmax(1)).float().mean())},
+        "top1",
+    )
+    assert report.outputs[0].max_steps <= 1.0 and report.metric_difference <= 0.1
+
+
 def test_refuses_existing_files_and_wide_encodings(digits: Exported, tmp_path: Path) -> None:
     with pytest.raises(OutputExistsError, match="--force"):
         export_onnx(digits.model, digits.batches[0], digits.path)
