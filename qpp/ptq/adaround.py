@@ -11,13 +11,11 @@ it minimises, for each layer in turn (eq. 25),
     ‖f_a(W x) - f_a(W̃ x̂)‖²_F + λ Σ_ij (1 - |2 h(V_ij) - 1|^β)                (eq. 24-25)
 
 where ``x`` is the layer's input in the float model, ``x̂`` its input in the model whose earlier
-layers are already quantized (and AdaRounded), and ``f_a`` the elementwise map between the
-layer and its next use (``qpp.graph.patterns.activation_after``: a per-channel affine of an
-unfolded batch norm, then ReLU, clamp, hardswish or swish; AIMET likewise applies the activation
-module that follows a layer). λ = 0.01; β is annealed from 20 to 2 with a cosine after a warm
-start (20% of the iterations) without the regulariser; V starts where ``h(V) = W/s - ⌊W/s⌋``
-so W̃ = W; Adam with learning rate 1e-3 at 10k iterations (AIMET's defaults; shorter budgets
-get a larger rate). At the end ``h`` is hard-rounded at 0.5.
+layers are already quantized (and AdaRounded), and ``f_a`` the ReLU that follows the layer, if
+any. λ = 0.01; β is annealed from 20 to 2 with a cosine after a warm start (20% of the
+iterations) without the regulariser; V starts where ``h(V) = W/s - ⌊W/s⌋`` so W̃ = W; Adam with
+learning rate 1e-3 at 10k iterations (AIMET's defaults; shorter budgets get a larger rate). At
+the end ``h`` is hard-rounded at 0.5.
 
 The weight encoding is frozen (computed before, usually with the MSE range). The result is
 written back into the model's float weight tensor, already on the grid,
@@ -52,13 +50,7 @@ from safetensors.torch import load_file, save_file
 
 from qpp.api import limit_samples
 from qpp.errors import ConfigError
-from qpp.graph.patterns import (
-    Activation,
-    WeightLayer,
-    activation_after,
-    get_attr,
-    weight_layers,
-)
+from qpp.graph.patterns import WeightLayer, activation_after, get_attr, weight_layers
 from qpp.ptq.activations import Batch, Recorder, data_positions
 from qpp.ptq.adaround_solver import (
     GAMMA,
@@ -259,7 +251,7 @@ def optimize_rounding(
     grid: WeightGrid,
     data: LayerData,
     groups: int,
-    activation: Activation | None,
+    relu: bool,
     config: AdaRoundConfig,
 ) -> tuple[torch.Tensor, LayerResult]:
     """Learn the rounding of one layer (eq. 25); returns the on-grid weight and its metrics."""
@@ -268,7 +260,7 @@ def optimize_rounding(
     weight = weight.detach()
     bias = bias.detach() if bias is not None else None
     floor = torch.floor(weight / grid.scale)
-    problem = _problem(weight, bias, grid, floor, groups, activation)
+    problem = _problem(weight, bias, grid, floor, groups, relu)
     if use_gram(problem, config.batch_rows):
         gradient = gram_gradient(problem, data.inputs, data.targets)
     else:
@@ -287,7 +279,7 @@ def optimize_rounding(
     def output(w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         y = rows_output(rows, w, groups)
         y = y + bias if bias is not None else y
-        return activation.value(y) if activation is not None else y
+        return torch.relu(y) if relu else y
 
     with torch.no_grad():
         rounded = grid.hard(floor + (rectified_sigmoid(logits) >= 0.5).float())
@@ -310,7 +302,7 @@ def _problem(
     grid: WeightGrid,
     floor: torch.Tensor,
     groups: int,
-    activation: Activation | None,
+    relu: bool,
 ) -> RoundingProblem:
     """``W̃ = base + step ⊙ h`` (eq. 22): ``step = s`` where ``⌊W/s⌋ + z + h`` stays in
     ``[n, p]`` for every ``h`` in [0, 1], else 0 (the clamp makes those weights constant)."""
@@ -326,7 +318,7 @@ def _problem(
         logits.reshape(out_features, -1).contiguous(),
         bias,
         groups,
-        activation,
+        relu,
     )
 
 
@@ -406,7 +398,7 @@ def _layer_data(
     layer: WeightLayer,
     batches: Sequence[Batch],
     originals: dict[str, torch.Tensor],
-    activation: Activation | None,
+    relu: bool,
     config: AdaRoundConfig,
 ) -> LayerData:
     per_batch = max(1, -(-config.rows // len(batches)))
@@ -420,7 +412,7 @@ def _layer_data(
         bias = get_attr(qmodel.graph_module, layer.bias).detach() if layer.bias else None
         targets = rows_output(float_inputs, weight, layer.groups)
         targets = targets + bias if bias is not None else targets
-    return LayerData(inputs, activation.value(targets) if activation is not None else targets)
+    return LayerData(inputs, torch.relu(targets) if relu else targets)
 
 
 def _eligible(
@@ -512,8 +504,8 @@ def adaround(
         if layer.name in state.done:
             rounded, result = state.load(layer, quantizer)
         else:
-            activation = activation_after(qmodel.graph_module, layer)
-            layer_data = _layer_data(qmodel, layer, batches, originals, activation, config)
+            relu = activation_after(layer) == "relu"
+            layer_data = _layer_data(qmodel, layer, batches, originals, relu, config)
             bias = get_attr(qmodel.graph_module, layer.bias) if layer.bias else None
             rounded, result = optimize_rounding(
                 weight,
@@ -521,7 +513,7 @@ def adaround(
                 WeightGrid.of(quantizer, weight),
                 layer_data,
                 layer.groups,
-                activation,
+                relu,
                 config,
             )
             state.save(layer, quantizer, rounded, result)

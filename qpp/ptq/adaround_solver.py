@@ -11,9 +11,7 @@ with ``∂f_reg/∂h = -2β |2h - 1|^(β-1) sign(2h - 1)`` (eq. 24). The reconst
 two forms that give the same loss ``L_rec = mean_rows ‖f_a(W̃ x̂ + b) - y‖²`` (eq. 25):
 
 - **rows** (any layer): a random mini-batch of cached rows per step, one matmul forward and
-  one back, ``∂L_rec/∂W̃ = (2/B) (r ⊙ f_a'(W̃ x̂ + b))ᵀ x̂`` with residual
-  ``r = f_a(W̃ x̂ + b) - y``; ``f_a`` is any elementwise activation with a derivative
-  (``qpp.graph.patterns.Activation``: ReLU, clamp, hardswish, swish);
+  one back, ``∂L_rec/∂W̃ = (2/B) (r ⊙ f_a')ᵀ x̂`` with residual ``r``;
 - **gram** (no activation folded in, one group): the loss is quadratic in ``W̃``, so with
   ``Ĥ = X̂ᵀX̂ / N`` and ``C = X̂ᵀY / N`` computed once, ``∂L_rec/∂W̃ = 2 (W̃ Ĥ - Cᵀ)`` is the
   exact gradient over *all* cached rows for one ``O×K×K`` matmul per step. It is used when that
@@ -30,8 +28,6 @@ from dataclasses import dataclass
 
 import torch
 
-from qpp.graph.patterns import Activation
-
 #: The rectified sigmoid's stretch (white paper eq. 23).
 ZETA, GAMMA = 1.1, -0.1
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
@@ -39,15 +35,14 @@ ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 
 @dataclass
 class RoundingProblem:
-    """One layer's rounding: ``W̃ = base + step ⊙ h(V)``, flattened to ``(out, in/groups)``;
-    ``activation`` is eq. 25's ``f_a`` (``None``: the identity)."""
+    """One layer's rounding: ``W̃ = base + step ⊙ h(V)``, flattened to ``(out, in/groups)``."""
 
     base: torch.Tensor
     step: torch.Tensor
     logits: torch.Tensor
     bias: torch.Tensor | None
     groups: int
-    activation: Activation | None
+    relu: bool
 
 
 class Adam:
@@ -97,10 +92,8 @@ def grouped_weight_gradient(
 
 
 def use_gram(problem: RoundingProblem, batch_rows: int) -> bool:
-    """The exact full-data gradient is cheaper than a mini-batch one (see module doc); the loss
-    must be quadratic in ``W̃`` (no activation, at most a per-channel affine)."""
-    linear = problem.activation is None or problem.activation.kind == "identity"
-    return linear and problem.groups == 1 and problem.base.shape[1] < 2 * batch_rows
+    """The exact full-data gradient is cheaper than a mini-batch one (see module doc)."""
+    return not problem.relu and problem.groups == 1 and problem.base.shape[1] < 2 * batch_rows
 
 
 def rows_gradient(
@@ -128,18 +121,12 @@ def rows_gradient(
             output = grouped_matmul(rows, weight, problem.groups)
             if problem.bias is not None:
                 output += problem.bias
-        activation = problem.activation
-        if activation is None:
-            residual = output.sub_(batch_targets)
-        elif activation.plain_relu:
-            # f_a = ReLU: where W̃x̂ + b <= 0 the output is constant, so the residual carries no
-            # gradient; elsewhere relu(y) - t = y - t.
-            inactive = output <= 0
-            residual = output.sub_(batch_targets).masked_fill_(inactive, 0)
-        else:  # (f_a(y) - t) ⊙ f_a'(y)
-            residual = (activation.value(output) - batch_targets).mul_(
-                activation.derivative(output)
-            )
+        # f_a = ReLU: where W̃x̂ + b <= 0 the output is constant, so the residual carries no
+        # gradient; elsewhere relu(y) - t = y - t.
+        inactive = output <= 0 if problem.relu else None
+        residual = output.sub_(batch_targets)
+        if inactive is not None:
+            residual.masked_fill_(inactive, 0)
         return grouped_weight_gradient(residual, rows, problem.groups, out_features).mul_(2 / size)
 
     return gradient
@@ -148,26 +135,14 @@ def rows_gradient(
 def gram_gradient(
     problem: RoundingProblem, inputs: torch.Tensor, targets: torch.Tensor
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``W̃ ↦ 2 (W̃ Ĥ - Cᵀ)``, exact over all rows (only for layers without an activation).
-    With a per-channel affine ``f_a(y) = a ⊙ y + c`` the loss is ``Σ a² (y - t')²`` with
-    ``t' = (t - c) / a``, so each output row of the gradient is scaled by ``a²``."""
+    """``W̃ ↦ 2 (W̃ Ĥ - Cᵀ)``, exact over all rows (only for layers without an activation)."""
     count = inputs.shape[0]
-    activation = problem.activation
-    weights = None
-    if activation is not None:
-        if activation.offset is not None:
-            targets = targets - activation.offset
-        if activation.scale is not None:
-            scale = activation.scale
-            targets = targets / torch.where(scale == 0, torch.ones_like(scale), scale)
-            weights = scale.square().unsqueeze(1)
     shifted = targets - problem.bias if problem.bias is not None else targets
     gram = inputs.T @ inputs / count
     cross = (shifted.T @ inputs).div_(count)
 
     def gradient(weight: torch.Tensor) -> torch.Tensor:
-        result = torch.addmm(cross, weight, gram, beta=-2.0, alpha=2.0)
-        return result.mul_(weights) if weights is not None else result
+        return torch.addmm(cross, weight, gram, beta=-2.0, alpha=2.0)
 
     return gradient
 
