@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from qpp.errors import ConfigError, QppError
+from qpp.sim.config import RECIPE_ADAROUND_ITERATIONS
 
 app = typer.Typer(
     add_completion=False,
@@ -201,8 +202,12 @@ def quantize(
         typer.Option(help="PTQ recipe instead of plain calibration: wp-ptq (white paper Fig. 8)"),
     ] = None,
     adaround_iterations: Annotated[
-        int, typer.Option(help="AdaRound iterations per layer in a recipe (0: bias correction)")
-    ] = 10_000,
+        int,
+        typer.Option(
+            help="AdaRound iterations per layer in a recipe (0: bias correction); "
+            "AdaRound alone defaults to the paper's 10k"
+        ),
+    ] = RECIPE_ADAROUND_ITERATIONS,
     weight_quantizer: Annotated[
         str, typer.Option(help="uniform, or pwlq (piecewise linear, Fang et al. 2020)")
     ] = "uniform",
@@ -468,7 +473,7 @@ def analyze(
     recipe: Annotated[str | None, typer.Option(help="PTQ recipe first: wp-ptq")] = None,
     adaround_iterations: Annotated[
         int, typer.Option(help="AdaRound iterations per layer in a recipe")
-    ] = 10_000,
+    ] = RECIPE_ADAROUND_ITERATIONS,
     samples: Annotated[
         int, typer.Option(help="evaluation samples for the per-quantizer sensitivity sweeps")
     ] = 32,

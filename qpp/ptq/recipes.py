@@ -28,7 +28,7 @@ from qpp.ptq.adaround import AdaRoundConfig, adaround
 from qpp.ptq.bias_correction import BiasCorrectionConfig, bias_correction
 from qpp.ptq.cle import CLEConfig, cross_layer_equalization
 from qpp.ptq.lookups import LookupConfig, quantize_lookups
-from qpp.sim.config import RECIPES
+from qpp.sim.config import RECIPE_ADAROUND_ITERATIONS, RECIPES
 from qpp.sim.model import QuantizedModel
 
 
@@ -38,7 +38,8 @@ class WhitePaperRecipe:
     ``adaround_iterations=0`` switches AdaRound off (bias correction instead)."""
 
     cle: bool | None = None
-    adaround_iterations: int = 10_000
+    #: Per layer; 1k by default (``RECIPE_ADAROUND_ITERATIONS``), AdaRound alone uses 10k.
+    adaround_iterations: int = RECIPE_ADAROUND_ITERATIONS
     #: Calibration samples AdaRound caches layer inputs from (bounded memory and time).
     adaround_samples: int | None = 64
     bias_correction: bool = True
@@ -116,7 +117,7 @@ def run_recipe(
     name: str,
     qmodel: QuantizedModel,
     data: Sequence[Batch],
-    adaround_iterations: int = 10_000,
+    adaround_iterations: int = RECIPE_ADAROUND_ITERATIONS,
     show_progress: bool = False,
 ) -> RecipeReport:
     """Run recipe ``name`` on a prepared (uncalibrated) model; it ends calibrated."""

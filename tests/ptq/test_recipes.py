@@ -55,3 +55,16 @@ def test_cli_recipe_run_reproduces_with_eval(tmp_path) -> None:
     assert json.loads(again.stdout)["reproduced"] is True
     bad = runner.invoke(app, [*args[:2], "--recipe", "magic"])
     assert bad.exit_code == 2 and "unknown recipe 'magic'" in bad.stderr
+
+
+def test_recipe_defaults_to_1000_adaround_iterations_and_adaround_alone_to_10k() -> None:
+    from qpp.ptq.adaround import AdaRoundConfig
+    from qpp.sim.config import RECIPE_ADAROUND_ITERATIONS
+
+    assert RECIPE_ADAROUND_ITERATIONS == 1000
+    assert WhitePaperRecipe().adaround_iterations == RECIPE_ADAROUND_ITERATIONS
+    assert QuantConfig().adaround_iterations == RECIPE_ADAROUND_ITERATIONS
+    assert AdaRoundConfig().iterations == 10_000
+    help_text = CliRunner().invoke(app, ["quantize", "--help"], env={"COLUMNS": "200"}).output
+    line = next(line for line in help_text.splitlines() if "--adaround-iterations" in line)
+    assert "[default: 1000]" in line, line
