@@ -244,10 +244,9 @@ def _scalar_affines(graph_module: GraphModule) -> list[_ScalarAffine]:
     chains: list[_ScalarAffine] = []
     claimed: set[Node] = set()
     for node in graph_module.graph.nodes:
-        if node in claimed or _affine_step(graph_module, node) is None:
+        step = None if node in claimed else _affine_step(graph_module, node)
+        if step is None:
             continue
-        step = _affine_step(graph_module, node)
-        assert step is not None
         _, scale, shift = step
         nodes = [node]
         while len(nodes[-1].users) == 1:
