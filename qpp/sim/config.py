@@ -67,6 +67,8 @@ class QuantConfig:
     weight_symmetric: bool = True
     activation_symmetric: bool = False
     policy: str = "runtime"
+    #: Fold batch norms, exporters' separate bias adds and scalar affine blocks into the
+    #: neighbouring conv/linear before placing quantizers (``qpp.graph.fold``).
     fold_batch_norm: bool = True
     calibration_samples: int | None = None
     overrides: dict[str, LayerOverride] = field(default_factory=dict)
