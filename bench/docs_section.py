@@ -31,20 +31,22 @@ def write_model_section(
     and the models before it in ``models`` order. ``section`` is the text without the marks.
     """
     start, end = model_marks(bench, name)
+    marked = f"{start}\n{section.strip()}\n{end}"
     text = docs.read_text() if docs.is_file() else "# Benchmarks\n"
-    if start not in text:
-        earlier = [model_marks(bench, model)[1] for model in models[: models.index(name)]]
-        anchor = max(
-            (
-                text.index(mark) + len(mark)
-                for mark in [f"<!-- {bench}:end -->", *earlier]
-                if mark in text
-            ),
-            default=len(text),
-        )
-        text = text[:anchor] + f"\n\n{start}\n{end}" + text[anchor:]
-        docs.write_text(text)
-    write_section(f"{start}\n{section.strip()}\n{end}", start, end, docs)
+    if start in text:
+        write_section(marked, start, end, docs)
+        return
+    earlier = [model_marks(bench, model)[1] for model in models[: models.index(name)]]
+    anchor = max(
+        (
+            text.index(mark) + len(mark)
+            for mark in [f"<!-- {bench}:end -->", *earlier]
+            if mark in text
+        ),
+        default=len(text),
+    )
+    docs.parent.mkdir(parents=True, exist_ok=True)
+    docs.write_text(text[:anchor] + f"\n\n{marked}" + text[anchor:])
 
 
 def model_marks(bench: str, name: str) -> tuple[str, str]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from docs_section import write_section
+from docs_section import model_marks, write_model_section, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "benchmarks.md"
@@ -424,26 +424,6 @@ def write_docs(section: str) -> None:
     write_section(section, START_MARK, END_MARK, DOCS)
 
 
-def model_marks(name: str) -> tuple[str, str]:
-    return f"<!-- wp_ptq:{name}:start -->", f"<!-- wp_ptq:{name}:end -->"
-
-
-def write_model_docs(name: str, section: str) -> None:
-    """Each model's table is its own section (models are run one at a time, with their own
-    budgets); a new one goes after the last ``wp_ptq`` section, in ``MODELS`` order."""
-    start, end = model_marks(name)
-    text = DOCS.read_text()
-    if start not in text:
-        earlier = [model_marks(m)[1] for m in MODELS[: MODELS.index(name)]]
-        anchor = max(
-            (text.index(mark) + len(mark) for mark in [END_MARK, *earlier] if mark in text),
-            default=len(text),
-        )
-        text = text[:anchor] + f"\n\n{start}\n{end}" + text[anchor:]
-        DOCS.write_text(text)
-    write_section(section, start, end, DOCS)
-
-
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS))
@@ -480,19 +460,17 @@ def main(argv: list[str]) -> None:
             started = time.perf_counter()
             primary, _, info = bench_model(name, args, Path(temporary))
             text = table(name, primary, info["groups"], entry_class(name).higher_is_better)
-            start, end = model_marks(name)
-            section = f"""{start}
-{text}
+            start, end = model_marks("wp_ptq", name)
+            section = f"""{text}
 
 Measured {datetime.date.today().isoformat()}, torch {torch.__version__}, {threads} torch
 thread(s), Python {platform.python_version()}, load average {os.getloadavg()[0]:.1f} at the
 end; {args.iterations} AdaRound iterations per layer and {args.samples} AdaRound calibration
 samples for qpp and AIMET alike; this model took {(time.perf_counter() - started) / 60:.1f} min.
-Command: `{command}`.
-{end}"""
-            print(section + "\n", flush=True)
+Command: `{command}`."""
+            print(f"{start}\n{section}\n{end}\n", flush=True)
             if not args.quick and not args.no_docs:
-                write_model_docs(name, section)
+                write_model_section("wp_ptq", name, MODELS, section, DOCS)
     header = f"""{START_MARK}
 ## White-paper PTQ pipeline vs ORT and AIMET (`bench/wp_ptq.py`)
 
