@@ -277,6 +277,7 @@ def _quantize(
         extra["dynamic_estimator"] = {
             "chosen": activation_qps.settings.estimator,
             "calibration_output_error": activation_qps.estimator_errors,
+            "static_output_error": activation_qps.static_output_error,
         }
     if activation_qps is not None and activation_qps.fit_r_squared:
         r2 = list(activation_qps.fit_r_squared.values())

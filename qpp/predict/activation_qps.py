@@ -153,6 +153,8 @@ class ActivationQPs:
     #: ``estimator="auto"``: each candidate per-input estimator's relative output error on the
     #: calibration batches (``qpp.predict.estimator_choice``); ``settings`` holds the choice.
     estimator_errors: dict[str, float] = field(default_factory=dict)
+    #: The static ranges' relative output error on the same batches (None without a choice).
+    static_output_error: float | None = None
     _hooks: list[Any] = field(default_factory=list)
 
     # --- modes ------------------------------------------------------------------------------
@@ -263,6 +265,7 @@ class ActivationQPs:
             "predictors": predictors,
             "fit_r_squared": self.fit_r_squared,
             "estimator_errors": self.estimator_errors,
+            "static_output_error": self.static_output_error,
         }
         (folder / STATE_FILES[0]).write_text(json.dumps(settings, indent=1))
         save_file(tensors, str(folder / STATE_FILES[1]))
@@ -471,6 +474,7 @@ def configure_activation_qps(
         )
         handle.settings = replace(settings, estimator=choice.chosen)
         handle.estimator_errors = choice.errors
+        handle.static_output_error = choice.static_error
     if scheme is Scheme.UNIFORM and mode is not QPMode.PREDICTED:
         return handle  # static uses the calibrated encodings; dynamic needs nothing more
 
@@ -533,6 +537,9 @@ def load_activation_qps(
     settings = _with_saved_estimator(settings, saved)
     handle, _ = attach(model, settings, _saved_schemes(saved))
     handle.estimator_errors = dict((saved or {}).get("estimator_errors", {}))
+    static_error = (saved or {}).get("static_output_error")
+    if isinstance(static_error, int | float):
+        handle.static_output_error = float(static_error)
     samplers, scheme, mode = (
         handle.samplers,
         parse_scheme(settings.scheme),

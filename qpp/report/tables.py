@@ -71,12 +71,27 @@ def print_result(result: dict[str, Any], title: str, console: Console | None = N
     console.print(result_table(result, title))
     if "compare" in result:
         console.print(compare_table(result["compare"], result["primary_metric"]))
+    print_estimator_choice(result, console)
+
+
+def print_estimator_choice(result: dict[str, Any], console: Console) -> None:
+    """The per-input estimator ``auto`` chose, the candidates' and the static ranges' output
+    errors on calibration data, and a note when the static ranges were the closest to FP32."""
     choice = result.get("dynamic_estimator")
     if choice:
         errors = ", ".join(
             f"{name} {error:.4g}" for name, error in choice["calibration_output_error"].items()
         )
+        static = choice.get("static_output_error")
         console.print(
             f"per-input ranges: {choice['chosen']} (relative output error vs FP32 on "
-            f"calibration data: {errors})"
+            f"calibration data: {errors}"
+            + (f"; static ranges {static:.4g})" if static is not None else ")")
         )
+        chosen_error = choice["calibration_output_error"][choice["chosen"]]
+        if static is not None and static <= chosen_error:
+            console.print(
+                "[yellow]note: on this calibration data the static ranges are closer to FP32 "
+                "than any per-input range; per-input QPs may not pay on this model (compare "
+                "with --compare, or keep --activation-ranges static)[/yellow]"
+            )

@@ -1,14 +1,23 @@
 """``--dynamic-estimator auto``: the per-input range is chosen by output error on calibration
 data (``qpp.predict.estimator_choice``)."""
 
+import json
 from pathlib import Path
 
+import pytest
 import torch
+from rich.console import Console
 from torch import nn
 
 from qpp.api import prepare, quantize
 from qpp.predict import ActivationQPSettings, configure_activation_qps, load_activation_qps
-from qpp.predict.estimator_choice import CANDIDATE_ESTIMATORS
+from qpp.predict.estimator_choice import (
+    CANDIDATE_ESTIMATORS,
+    CHOICE_BATCHES,
+    quantization_off,
+    relative_output_error,
+)
+from qpp.report.tables import print_estimator_choice
 from qpp.runs import graph_weights
 from qpp.sim.config import QuantConfig
 
@@ -89,7 +98,44 @@ def test_the_chosen_estimator_is_saved_and_reloaded(tmp_path: Path) -> None:
     loaded = load_activation_qps(rebuilt, tmp_path, settings)
     assert loaded.settings.estimator == handle.settings.estimator != "auto"
     assert loaded.estimator_errors == handle.estimator_errors
+    assert loaded.static_output_error == handle.static_output_error is not None
     with torch.no_grad():
         assert torch.equal(rebuilt(*x), expected)
         loaded.set_mode("dynamic")
         assert torch.equal(rebuilt(*x), expected_dynamic)
+
+
+def test_the_static_ranges_error_is_measured_on_the_same_batches(tmp_path: Path) -> None:
+    _, model = _model()
+    batches = spiky_batches(4, 0)
+    handle = configure_activation_qps(model, batches, ActivationQPSettings(mode="dynamic"))
+    assert handle.static_output_error is not None
+    used = batches[:CHOICE_BATCHES]
+    with quantization_off(model), torch.no_grad():  # type: ignore[arg-type]
+        reference = [[model(*b)] for b in used]  # type: ignore[operator]
+    handle.set_mode("static")
+    expected = relative_output_error(model, used, reference)  # type: ignore[arg-type]
+    assert handle.static_output_error == pytest.approx(expected, rel=1e-4)
+    assert handle.static_output_error > 0
+    handle.save(tmp_path)
+    state = json.loads((tmp_path / "activation_qps.json").read_text())
+    assert state["static_output_error"] == handle.static_output_error
+
+
+@pytest.mark.parametrize(("static", "noted"), [(0.2, True), (0.9, False)])
+def test_the_report_says_when_static_ranges_beat_every_per_input_range(
+    static: float, noted: bool
+) -> None:
+    result = {
+        "model": "m",
+        "dynamic_estimator": {
+            "chosen": "mse",
+            "calibration_output_error": {"minmax": 0.9, "mse": 0.3},
+            "static_output_error": static,
+        },
+    }
+    console = Console(record=True, width=400)
+    print_estimator_choice(result, console)
+    text = console.export_text()
+    assert f"static ranges {static:.4g}" in text
+    assert ("per-input QPs may not pay" in text) is noted
