@@ -55,7 +55,7 @@ SIZES: dict[str, dict[str, int]] = {
 }
 PREDICTOR = (
     "the default predictors (`--predictor-sources auto`: as many evenly spaced sources as 0.5 % "
-    "of the FLOPs pays for, at most 64, each reading 2048 elements)"
+    "of the FLOPs pays for, at most 256, each reading 2048 elements)"
 )
 
 

@@ -84,7 +84,7 @@ class QuantConfig:
     #: Comma-separated statistics the QP predictor reads (mean, max, std, qP of |x|).
     predictor_features: str = "mean,max,q0.9,q0.99,q0.999"
     #: Where predictors read their features: ``auto`` (as many evenly spaced activation
-    #: quantizers as 0.5 % of the model's FLOPs pays for, at most 64), ``auto:N`` (N of them),
+    #: quantizers as 0.5 % of the model's FLOPs pays for, at most 256), ``auto:N`` (N of them),
     #: comma-separated quantizer names, or "" (the first quantizer only, as in the paper).
     predictor_sources: str = "auto"
     #: Elements of each source the features read per sample (a fixed random subset; None: all).
