@@ -142,6 +142,14 @@ def quantize(
     fold_bn: Annotated[
         bool, typer.Option("--fold-bn/--no-fold-bn", help="fold batch norms")
     ] = True,
+    exact_plateaus: Annotated[
+        bool,
+        typer.Option(
+            "--exact-plateaus/--no-exact-plateaus",
+            help="hold an activation's floor/ceiling (e.g. hard-swish zeros after an affine) "
+            "exactly on the grid",
+        ),
+    ] = True,
     calib_samples: Annotated[
         int | None, typer.Option(help="use only the first N calibration samples")
     ] = None,
@@ -281,6 +289,7 @@ def quantize(
             activation_estimator=activation_estimator,
             policy=policy,
             fold_batch_norm=fold_bn,
+            exact_activation_plateaus=exact_plateaus,
             calibration_samples=calib_samples,
             overrides=overrides,
             activation_ranges=activation_ranges,

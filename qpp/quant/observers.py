@@ -198,3 +198,53 @@ class SampleObserver:
 
     def samples(self) -> torch.Tensor:
         return torch.cat(self.rows)
+
+
+class PlateauObserver:
+    """Values that a share of a tensor sits on exactly, near its low and high ends (per tensor).
+
+    An activation's floor (the zero region of a ReLU or hard-swish moved by a folded affine
+    ``a*y + b``: every such element is ``b``) or ceiling (ReLU6, hard-sigmoid) puts a share of
+    the tensor on one float near an end of its range. Each batch, the values that repeat among
+    the lowest and the highest ``TAIL`` of a fixed sample of ``SAMPLE`` elements become
+    candidates (at most ``CANDIDATES``), and every candidate's exact count over the whole batch
+    is added up.
+    """
+
+    SAMPLE = 4096
+    TAIL = 0.02
+    CANDIDATES = 8
+
+    def __init__(self) -> None:
+        self.counts: dict[float, int] = {}
+        self.count = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1)
+        if flat.numel() == 0:
+            return
+        if flat.numel() > self.SAMPLE:
+            generator = torch.Generator().manual_seed(flat.numel())
+            sample = flat[torch.randint(flat.numel(), (self.SAMPLE,), generator=generator)]
+        else:
+            sample = flat
+        ordered = sample.sort().values
+        tail = max(8, int(self.TAIL * ordered.numel()))
+        for part in (ordered[:tail], ordered[-tail:]):
+            values, repeats = torch.unique(part, return_counts=True)
+            for value in values[repeats >= 3].tolist():
+                if len(self.counts) < self.CANDIDATES:
+                    self.counts.setdefault(value, 0)
+        for value in self.counts:
+            self.counts[value] += int((flat == value).sum())
+        self.count += flat.numel()
+
+    def plateaus(self, share: float) -> dict[float, float]:
+        """Each candidate that at least ``share`` of all values sit on, with its share."""
+        if not self.count:
+            return {}
+        return {
+            value: count / self.count
+            for value, count in self.counts.items()
+            if count >= share * self.count
+        }

@@ -70,6 +70,10 @@ class QuantConfig:
     #: Fold batch norms, exporters' separate bias adds and scalar affine blocks into the
     #: neighbouring conv/linear before placing quantizers (``qpp.graph.fold``).
     fold_batch_norm: bool = True
+    #: Hold an activation's floor or ceiling (a value many of its elements sit on, e.g. a
+    #: hard-swish zero region after a folded affine) exactly on the grid when rounding the zero
+    #: point would clip it by up to one step (``qpp.quant.affine.snap_to_plateau``).
+    exact_activation_plateaus: bool = True
     calibration_samples: int | None = None
     overrides: dict[str, LayerOverride] = field(default_factory=dict)
     #: Activation QPs (QPP): static (calibrated), dynamic (per input) or predicted per input.

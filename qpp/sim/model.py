@@ -59,6 +59,7 @@ class QuantizedModel(torch.nn.Module):
         self.quantizers[key] = quantizer
         self._by_name[name] = quantizer
         quantizer.module_key = key  # type: ignore[assignment]
+        quantizer.exact_plateaus = self.config.exact_activation_plateaus
         return quantizer
 
     def _insert(self, placement: Placement) -> None:

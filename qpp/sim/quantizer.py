@@ -8,9 +8,20 @@ from enum import StrEnum
 import torch
 
 from qpp.errors import EncodingsError
-from qpp.quant.affine import IntegerTensor, choose_qparams, fake_quantize, integer_range
+from qpp.quant.affine import (
+    IntegerTensor,
+    choose_qparams,
+    fake_quantize,
+    integer_range,
+    snap_to_plateau,
+)
+from qpp.quant.observers import PlateauObserver
 from qpp.quant.ranges import Grid, activation_range, make_observers, weight_range
 from qpp.quant.spec import QuantSpec
+
+#: The share of an activation's calibration values that must sit on its minimum (maximum) for
+#: that value to count as a floor (ceiling) the grid should hold exactly.
+PLATEAU_SHARE = 1e-3
 
 
 class QuantizerKind(StrEnum):
@@ -56,6 +67,11 @@ class Quantizer(torch.nn.Module):
         #: When set, ``OBSERVE`` mode records only ``observed_part(x)`` (e.g. the real tokens of
         #: a padded batch), so values that are not data do not set the range.
         self.observed_part: Callable[[torch.Tensor], torch.Tensor] | None = None
+        #: Per-tensor asymmetric activations: hold a floor or ceiling that at least
+        #: ``PLATEAU_SHARE`` of the calibration values sit on exactly on the grid
+        #: (``qpp.quant.affine.snap_to_plateau``).
+        self.exact_plateaus = True
+        self._plateaus: PlateauObserver | None = None
 
     # --- configuration ------------------------------------------------------------------------
 
@@ -81,7 +97,18 @@ class Quantizer(torch.nn.Module):
 
     def start_observing(self) -> None:
         self._statistics = make_observers(self.spec.estimator, self.axis)
+        self._plateaus = PlateauObserver() if self._snaps_plateaus else None
         self.mode = Mode.OBSERVE
+
+    @property
+    def _snaps_plateaus(self) -> bool:
+        return (
+            self.exact_plateaus
+            and self.kind is QuantizerKind.ACTIVATION
+            and self.axis is None
+            and not self.spec.symmetric
+            and self.spec.piecewise is None
+        )
 
     def observe(self, x: torch.Tensor) -> None:
         if self.observed_part is not None:
@@ -90,6 +117,8 @@ class Quantizer(torch.nn.Module):
                 return
         for observer in self._statistics.values():
             observer.update(x)  # type: ignore[attr-defined]
+        if self._plateaus is not None:
+            self._plateaus.update(x)
 
     @property
     def has_statistics(self) -> bool:
@@ -99,7 +128,17 @@ class Quantizer(torch.nn.Module):
         """Set scale and zero point from the observed statistics with the spec's estimator."""
         lo, hi = activation_range(self._statistics, self.spec.estimator, self.grid)
         self.set_range(lo, hi)
+        if self._plateaus is not None:
+            scale, zero_point = snap_to_plateau(
+                self.scale,
+                self.zero_point,
+                self.spec.bits,
+                self.spec.is_signed,  # type: ignore[arg-type]
+                self._plateaus.plateaus(PLATEAU_SHARE),
+            )
+            self.set_encoding(scale, zero_point)
         self._statistics = {}
+        self._plateaus = None
 
     def compute_weight_encoding(self, weight: torch.Tensor) -> None:
         """Set scale and zero point from the weight tensor itself (no data needed)."""
