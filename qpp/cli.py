@@ -149,7 +149,7 @@ def quantize(
             help="hold an activation's floor/ceiling (e.g. hard-swish zeros after an affine) "
             "exactly on the grid",
         ),
-    ] = True,
+    ] = False,
     calib_samples: Annotated[
         int | None, typer.Option(help="use only the first N calibration samples")
     ] = None,

@@ -73,7 +73,7 @@ class QuantConfig:
     #: Hold an activation's floor or ceiling (a value many of its elements sit on, e.g. a
     #: hard-swish zero region after a folded affine) exactly on the grid when rounding the zero
     #: point would clip it by up to one step (``qpp.quant.affine.snap_to_plateau``).
-    exact_activation_plateaus: bool = True
+    exact_activation_plateaus: bool = False
     calibration_samples: int | None = None
     overrides: dict[str, LayerOverride] = field(default_factory=dict)
     #: Activation QPs (QPP): static (calibrated), dynamic (per input) or predicted per input.
