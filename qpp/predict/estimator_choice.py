@@ -44,10 +44,6 @@ class EstimatorChoice:
     errors: dict[str, float]
     static_error: float
 
-    @property
-    def static_is_better(self) -> bool:
-        return self.static_error <= self.errors[self.chosen]
-
 
 def _outputs(model: QuantizedModel, batch: Batch) -> list[torch.Tensor]:
     return [t.float() for t in tree_leaves(model(*batch)) if isinstance(t, torch.Tensor)]
