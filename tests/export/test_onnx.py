@@ -177,11 +177,15 @@ def test_signed_int8_weights_saturate_ort_on_cpus_without_vnni(
     _export(digits.model, digits.batches[0], path, WeightFormat.INT8)
     lowered = qpp.run(lower_quantizers(digits.model, WeightFormat.INT8), digits.batches)
     deployed = run_session(make_session(path), digits.batches)[0]
-    difference = np.abs(deployed - lowered.numpy()).max() / np.abs(lowered.numpy()).max()
+    absolute = np.abs(deployed - lowered.numpy())
+    difference = absolute.max() / np.abs(lowered.numpy()).max()
     if detect_isa().u8s8_saturates:
         assert difference > 1e-3
     else:
-        assert difference <= 1e-3
+        # VNNI/AMX sum in int32: int8 weights are exact up to the rare one-step rounding tie of
+        # an intermediate activation (torch multiplies by 1/s where ORT divides), as for uint8.
+        assert (absolute <= 1e-5).mean() >= 0.95
+        assert difference <= 5e-3
 
 
 def test_seven_bit_weights_export_as_int8_and_stay_exact(digits: Exported, tmp_path: Path) -> None:
