@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from qpp.errors import ConfigError, EncodingsError
 from qpp.predict.cost import model_flops
+from qpp.predict.density_offsets import fit_density_offsets
 from qpp.predict.estimator_choice import choose_dynamic_estimator
 from qpp.predict.predictor import (
     DEFAULT_FEATURES,
@@ -85,6 +86,10 @@ class ActivationQPSettings:
     #: at the true threshold (a saturated image background, a clipped activation) into an
     #: outlier, while one a little too high costs a few dense values' resolution.
     threshold_margin: float = 0.0
+    #: Shift each predicted Dense+Sparse threshold by the log offset that brings its achieved
+    #: outlier density closest to the target on the calibration data
+    #: (``qpp.predict.density_offsets``).
+    density_offsets: bool = True
     #: The features read at most this many elements of each source per sample (None: all).
     feature_elements: int | None = DEFAULT_FEATURE_ELEMENTS
     ridge: float = 1e-3
@@ -154,6 +159,8 @@ class ActivationQPs:
     samplers: dict[str, SampleQuantizer]
     predictors: list[LinearQPPredictor] = field(default_factory=list)
     fit_r_squared: dict[str, float] = field(default_factory=dict)
+    #: The log offsets ``fit_density_offsets`` added to predicted Dense+Sparse thresholds.
+    threshold_offsets: dict[str, float] = field(default_factory=dict)
     #: ``estimator="auto"``: each candidate per-input estimator's relative output error on the
     #: calibration batches (``qpp.predict.estimator_choice``); ``settings`` holds the choice.
     estimator_errors: dict[str, float] = field(default_factory=dict)
@@ -268,6 +275,7 @@ class ActivationQPs:
             "layers": layers,
             "predictors": predictors,
             "fit_r_squared": self.fit_r_squared,
+            "threshold_offsets": self.threshold_offsets,
             "estimator_errors": self.estimator_errors,
             "static_output_error": self.static_output_error,
         }
@@ -323,39 +331,69 @@ def evenly_spaced(names: list[str], count: int) -> list[str]:
     return [names[(index * len(names)) // count] for index in range(count)]
 
 
-def budget_source_count(
+#: ``sources="auto"`` may read fewer elements per source, halving down to this many, to afford
+#: more sources: on digits-cnn (Dense+Sparse, A4) 2 predictors on its Dense+Sparse layers
+#: reading 512 elements each hold the density spread to 0.47 of static's at 0.46 % of the
+#: FLOPs, where 2048 elements afforded one.
+MIN_AUTO_ELEMENTS = 512
+
+
+def _element_choices(settings: ActivationQPSettings) -> list[int | None]:
+    """``settings.feature_elements``, then its halvings down to ``MIN_AUTO_ELEMENTS``."""
+    first = settings.feature_elements
+    if first is None:
+        return [None]
+    choices: list[int | None] = [first]
+    while first // 2 >= MIN_AUTO_ELEMENTS:
+        first //= 2
+        choices.append(first)
+    return choices
+
+
+def budget_sources(
     names: list[str], sizes: dict[str, int], settings: ActivationQPSettings, flops: int
-) -> int:
-    """The most evenly spaced sources (up to ``MAX_AUTO_SOURCES``) whose features and linear
-    maps cost at most ``settings.overhead_budget`` of ``flops`` and at most half of what the
-    dynamic scheme's reductions cost (a dearer predictor would be pointless); at least one."""
-    targets = 2 * len(names)  # at most lo and hi per quantizer
-    budget = min(settings.overhead_budget * flops, sum(sizes.get(n, 0) for n in names))
+) -> tuple[int, int | None]:
+    """The most evenly spaced sources of ``names`` (up to ``MAX_AUTO_SOURCES``), and the
+    elements each reads (``settings.feature_elements`` or a halving of it), whose features and
+    linear maps cost at most ``settings.overhead_budget`` of ``flops`` and at most what the
+    dynamic scheme's reductions cost (a dearer predictor would be pointless); at least one
+    source. More sources come before more elements per source."""
+    targets = 2 * len(sizes)  # at most lo and hi per quantizer
+    dynamic = 2 * sum(sizes.values())
+    budget = min(settings.overhead_budget * flops, dynamic)
     features = len(settings.features)
+    choices = _element_choices(settings)
     for count in range(min(MAX_AUTO_SOURCES, len(names)), 0, -1):
-        cost = sum(
-            feature_flops(
-                settings.features,
-                min(sizes.get(name, 0), settings.feature_elements or sizes.get(name, 0)),
-            )
-            for name in evenly_spaced(names, count)
-        ) + 2 * features * (targets + count)
-        if cost <= budget:
-            return count
-    return 1
+        chosen = evenly_spaced(names, count)
+        for elements in choices:
+            cost = sum(
+                feature_flops(settings.features, min(sizes[name], elements or sizes[name]))
+                for name in chosen
+            ) + 2 * features * (targets + count)
+            if cost <= budget:
+                return count, elements
+    return 1, choices[-1]
 
 
 def _sources(
-    model: QuantizedModel, settings: ActivationQPSettings, sizes: dict[str, int], batch: Batch
-) -> list[str]:
+    model: QuantizedModel,
+    settings: ActivationQPSettings,
+    sizes: dict[str, int],
+    schemes: dict[str, Scheme],
+    batch: Batch,
+) -> tuple[list[str], int | None]:
+    """The predictors' sources and the elements each reads. ``auto`` spaces them over the
+    Dense+Sparse layers where there are any: their thresholds set the outlier density, and a
+    source's own features predict its threshold best."""
     names = [q.name for q in calibrated_activations(model) if q.name in sizes]
     if not settings.sources:
-        count = settings.source_count
+        candidates = [n for n in names if schemes.get(n) is Scheme.DENSE_SPARSE] or names
+        count, elements = settings.source_count, settings.feature_elements
         if count is None:
             with static_quantizers(model):
                 flops = model_flops(model, batch)
-            count = budget_source_count(names, sizes, settings, flops)
-        return evenly_spaced(names, count)
+            count, elements = budget_sources(candidates, sizes, settings, flops)
+        return evenly_spaced(candidates, count), elements
     for source in settings.sources:
         if source not in names:
             model.quantizer(source)  # raises for unknown names
@@ -363,7 +401,7 @@ def _sources(
                 f"predictor source '{source}' is not an enabled activation quantizer; pick one "
                 "from `qpp quantize MODEL --list-quantizers`"
             )
-    return sorted(settings.sources, key=names.index)
+    return sorted(settings.sources, key=names.index), settings.feature_elements
 
 
 @contextmanager
@@ -465,14 +503,19 @@ def configure_activation_qps(
         raise ConfigError("per-input activation QPs need calibration data; pass some batches")
     scheme, mode = parse_scheme(settings.scheme), parse_mode(settings.mode)
     sizes = sample_sizes(model, batches[0])
-    sources = _sources(model, settings, sizes, batches[0]) if mode is QPMode.PREDICTED else []
-    handle, order = attach(model, settings, layer_schemes(sizes, settings))
+    schemes = layer_schemes(sizes, settings)
+    sources: list[str] = []
+    if mode is QPMode.PREDICTED:
+        sources, elements = _sources(model, settings, sizes, schemes, batches[0])
+        settings = replace(settings, feature_elements=elements)
+    handle, order = attach(model, settings, schemes)
     samplers = handle.samplers
-    if (
+    choosing = (
         scheme is Scheme.UNIFORM
         and mode is not QPMode.STATIC
         and settings.estimator == AUTO_ESTIMATOR
-    ):
+    )
+    if choosing:
         choice = choose_dynamic_estimator(
             model, samplers.values(), batches, show_progress=show_progress
         )
@@ -530,6 +573,15 @@ def configure_activation_qps(
         handle.predictors.append(predictor)
     handle._install_predictors()
     handle.set_mode(mode.value)
+    if settings.density_offsets and mode is QPMode.PREDICTED:
+        handle.threshold_offsets = fit_density_offsets(
+            model,
+            samplers,
+            handle.predictors,
+            batches,
+            settings.outlier_fraction,
+            show_progress,
+        )
     return handle
 
 
@@ -576,6 +628,7 @@ def load_activation_qps(
             f"{folder}'s activation QP state is corrupt ({error}); quantize again"
         ) from None
     handle.fit_r_squared = dict(saved.get("fit_r_squared", {}))
+    handle.threshold_offsets = dict(saved.get("threshold_offsets", {}))
     handle._install_predictors()
     handle.set_mode(mode.value)
     return handle

@@ -130,7 +130,10 @@ def dynamic_range(rows: torch.Tensor, estimator: str, quantizer: Quantizer) -> S
         lo, hi = torch.quantile(rows, 1 - q, dim=1), torch.quantile(rows, q, dim=1)
     elif name == "mse":
         subset = rows[:, search_columns(rows.shape[1])]
-        lo, hi = rows_mse_range(subset, lo, hi, quantizer.grid, argument or 2.0, coarse=12, fine=5)
+        # The calibrated ranges' full search grid (24 coarse, 7 fine steps): with 12 and 5 (two
+        # sided: 6 and 3 per bound) ppocr-cls W8A4 scored 63.0 % against 77.7 % (300 lines;
+        # static 74.3 %), the coarse steps missing the clipping that MSE ranges are for.
+        lo, hi = rows_mse_range(subset, lo, hi, quantizer.grid, argument or 2.0)
     return SampleQPs(lo=lo.clamp(max=0), hi=hi.clamp(min=0))
 
 

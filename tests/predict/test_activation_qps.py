@@ -1,6 +1,7 @@
 """QPP: static, dynamic and predicted activation QPs on small models (methods.md §1.4)."""
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ from qpp.predict import (
     load_activation_qps,
     settings_from_config,
 )
-from qpp.predict.activation_qps import execution_order, sample_sizes
+from qpp.predict.activation_qps import budget_sources, execution_order, sample_sizes
+from qpp.predict.cost import model_flops
 from qpp.predict.predictor import DEFAULT_FEATURES
 from qpp.runs import graph_weights
 from qpp.sim.config import QuantConfig
@@ -285,7 +287,11 @@ def test_threshold_margin_raises_predicted_thresholds(net: nn.Module) -> None:
     thresholds = {}
     for margin in (0.0, 1.0):
         settings = ActivationQPSettings(
-            mode="predicted", scheme="dense-sparse", threshold_margin=margin, **INPUT_ONLY
+            mode="predicted",
+            scheme="dense-sparse",
+            threshold_margin=margin,
+            density_offsets=False,
+            **INPUT_ONLY,
         )
         handle = configure_activation_qps(model, scaled_batches(4, 0), settings)
         with torch.no_grad(), handle.pairing_qps() as pairs:
@@ -347,8 +353,36 @@ def test_auto_sources_spend_the_overhead_budget(net: nn.Module) -> None:
         costs[budget, len(features)] = handle.overhead_flops(batch)
         handle.detach()
     assert counts[1e-9, 1] == 1 and counts[1.0, 1] == len(names)
-    # Never dearer than half the dynamic reductions, whatever the budget.
-    assert all(cost["predictor"] <= cost["dynamic"] / 2 for cost in costs.values())
+    # Never dearer than the dynamic reductions, whatever the budget.
+    assert all(cost["predictor"] <= cost["dynamic"] for cost in costs.values())
+
+
+def test_auto_reads_fewer_elements_to_afford_more_sources(net: nn.Module) -> None:
+    """Dense+Sparse sources sit on the Dense+Sparse layers; a budget that 2048-element
+    features cannot meet for all of them buys them with 512 (the floor), never fewer."""
+    model = _quantized(net)
+    batch = scaled_batches(1, 0)[0]
+    sizes = sample_sizes(model, batch)
+    flops = model_flops(model, batch)
+    settings = ActivationQPSettings(
+        mode="predicted", scheme="dense-sparse", features=("q0.99",), feature_elements=2048
+    )
+    dense_sparse = [n for n, size in sizes.items() if size >= 1000]
+    features = len(settings.features)
+    linear = 2 * features * (2 * len(sizes) + len(dense_sparse))
+    needed = sum(2 * min(sizes[n], 512) for n in dense_sparse) + linear  # a quantile: 2 passes
+    roomy = sum(2 * min(sizes[n], 2048) for n in dense_sparse) + linear
+    assert needed < roomy < 2 * sum(sizes.values()), "sources must exceed 512 elements"
+    count, elements = budget_sources(
+        dense_sparse, sizes, replace(settings, overhead_budget=(needed + 0.5) / flops), flops
+    )
+    assert (count, elements) == (len(dense_sparse), 512)
+    count, elements = budget_sources(
+        dense_sparse, sizes, replace(settings, overhead_budget=(roomy + 0.5) / flops), flops
+    )
+    assert (count, elements) == (len(dense_sparse), 2048)
+    handle = configure_activation_qps(model, scaled_batches(2, 0), settings)
+    assert {p.source for p in handle.predictors} <= set(dense_sparse)
 
 
 class StackedNet(nn.Module):

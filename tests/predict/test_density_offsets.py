@@ -1,0 +1,95 @@
+"""Predicted Dense+Sparse thresholds fitted to the outlier density (qpp.predict.density_offsets)."""
+
+import pytest
+import torch
+from torch import nn
+
+from qpp.api import quantize
+from qpp.predict import ActivationQPSettings, configure_activation_qps
+from qpp.predict.density_offsets import best_offset, densities_above
+from qpp.sim.config import QuantConfig
+
+RHO = 0.01
+
+
+class ClippedNet(nn.Module):
+    """x -> min(3x, 2.5) -> conv: the conv's input has an atom (a tied mass) at 2.5."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Conv2d(2, 2, 1, bias=False)
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        with torch.no_grad():
+            self.scale.weight.copy_(3.0 * torch.eye(2).reshape(2, 2, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.clamp(self.scale(x), max=2.5))
+
+
+def batches(count: int, seed: int) -> list[tuple[torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.exp(torch.randn(8, 1, 1, 1, generator=generator) * 0.3)
+            * torch.randn(8, 2, 24, 24, generator=generator),
+        )
+        for _ in range(count)
+    ]
+
+
+def test_densities_above_counts_strictly_larger_magnitudes() -> None:
+    rows = torch.tensor([[-3.0, 1.0, 2.0, 2.0], [0.5, -0.5, 4.0, 0.0]])
+    thresholds = torch.tensor([[1.5, 2.0, 3.0], [0.4, 0.5, 5.0]], dtype=torch.float64)
+    expected = torch.tensor([[0.75, 0.25, 0.0], [0.75, 0.25, 0.0]], dtype=torch.float64)
+    assert torch.equal(densities_above(rows, thresholds), expected)
+
+
+def test_best_offset_prefers_the_target_then_the_smaller_shift() -> None:
+    offsets = torch.tensor([-0.1, 0.0, 0.1, 0.2])
+    densities = torch.tensor([[0.05, 0.03, 0.01, 0.01], [0.05, 0.02, 0.01, 0.01]])
+    assert best_offset(densities, offsets, 0.01) == 2
+
+
+def _conv_input_densities(density_offsets: bool) -> tuple[torch.Tensor, dict[str, float]]:
+    torch.manual_seed(0)
+    net = ClippedNet().eval()
+    model = quantize(net, batches(4, 0), QuantConfig(activation_bits=4))
+    handle = configure_activation_qps(
+        model,
+        batches(8, 0),
+        ActivationQPSettings(
+            mode="predicted",
+            scheme="dense-sparse",
+            outlier_fraction=RHO,
+            sources=("scale.input",),  # the conv's threshold is predicted from the input
+            density_offsets=density_offsets,
+        ),
+    )
+    with torch.no_grad(), handle.tracking_density() as layers:
+        for batch in batches(4, 9):
+            model(*batch)
+    conv_input = next(layer for layer in layers if layer.name.startswith("conv"))
+    return conv_input.values, handle.threshold_offsets
+
+
+def test_offsets_keep_a_tied_mass_out_of_the_outliers() -> None:
+    """Without offsets, thresholds predicted just below the clipped value 2.5 make every
+    clipped element an outlier; the fitted offset lifts them above it."""
+    plain, none = _conv_input_densities(False)
+    fitted, offsets = _conv_input_densities(True)
+    assert none == {}
+    assert offsets and max(offsets.values()) > 0
+    plain_error = float((plain - RHO).square().mean())
+    fitted_error = float((fitted - RHO).square().mean())
+    assert fitted_error < 0.5 * plain_error, (plain_error, fitted_error)
+    assert float(fitted.mean()) <= RHO + 0.005
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_only_predicted_thresholds_get_offsets(mode: str) -> None:
+    torch.manual_seed(0)
+    model = quantize(ClippedNet().eval(), batches(2, 0), QuantConfig(activation_bits=4))
+    handle = configure_activation_qps(
+        model, batches(2, 0), ActivationQPSettings(mode=mode, scheme="dense-sparse")
+    )
+    assert handle.threshold_offsets == {}
