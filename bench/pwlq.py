@@ -30,7 +30,7 @@ import platform
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -229,6 +229,7 @@ def bench_model(
     adaround_iterations: int,
     skip: list[str] | None = None,
     eval_samples: int | None = None,
+    exact_plateaus: bool = False,
 ) -> tuple[str, list[Row], dict[str, float], str]:
     cls = entry_class(name)
     entry = cls(**entry_sizes(name, quick, eval_samples))
@@ -242,6 +243,9 @@ def bench_model(
     for variant in variants(search, adaround_iterations):
         if skipped(variant.label, skip or []):
             continue
+        if exact_plateaus:  # every row alike, uniform included
+            config = replace(variant.config, exact_activation_plateaus=True)
+            variant = replace(variant, config=config)
         start = time.perf_counter()
         quantized = quantize_variant(fp32, calibration, variant)
         seconds = time.perf_counter() - start
@@ -435,7 +439,10 @@ gap": the loss of the primary metric against FP32 over the uniform row's loss at
 bit-widths (below 1 is better). "weight MSE lower": layers where PWLQ's weight MSE is below
 uniform's, and the geometric mean of PWLQ/uniform weight MSE. Data: each zoo entry's default
 calibration set; its evaluation set, of the size in each model's command (`--eval-samples N`:
-the first N samples; digits-cnn always its whole set); `--skip` rows are left out.
+the first N samples; digits-cnn always its whole set); `--skip` rows are left out; with
+`--exact-plateaus` in a model's command, every one of its rows, uniform included, holds
+activation floors and ceilings exactly on the grid (`qpp quantize --exact-plateaus`; off by
+default in qpp).
 At equal storage, PWLQ at b bits (b + 1 stored) compares with
 uniform at b + 1 bits: read the W3A8 PWLQ rows against the W4A8 uniform rows (both 4 bits per
 weight). Each model runs alone (`--models NAME`) and replaces only its own lines below.
@@ -501,6 +508,11 @@ def main(argv: list[str]) -> None:
         "(e.g. 'AdaRound,2 breakpoints'); the uniform rows cannot be left out",
     )
     parser.add_argument(
+        "--exact-plateaus",
+        action="store_true",
+        help="every row with `--exact-plateaus` (activation floors held on the grid)",
+    )
+    parser.add_argument(
         "--eval-samples",
         type=int,
         default=None,
@@ -519,7 +531,13 @@ def main(argv: list[str]) -> None:
         torch.manual_seed(0)
         started = time.perf_counter()
         primary, rows, fp32, summary = bench_model(
-            name, args.quick, args.search, args.adaround_iterations, skip, args.eval_samples
+            name,
+            args.quick,
+            args.search,
+            args.adaround_iterations,
+            skip,
+            args.eval_samples,
+            args.exact_plateaus,
         )
         higher = entry_class(name).higher_is_better
         table = model_table(name, primary, rows, fp32, higher)

@@ -57,8 +57,9 @@ PREDICTOR = (
     "the default predictors (`--predictor-sources auto`: as many evenly spaced sources as 0.5 % "
     "of the FLOPs, and no more than the dynamic reductions, pay for, at most 256, each reading "
     "2048 elements, or 1024 or 512 where that buys more sources; for Dense+Sparse the sources "
-    "are Dense+Sparse layers and each predicted threshold carries the log offset that brings "
-    "its calibration density closest to 1 %)"
+    "are Dense+Sparse layers; each layer's predicted QPs carry the log offset that serves its "
+    "scheme best on the calibration data: density closest to 1 %, or least quantization "
+    "error)"
 )
 
 

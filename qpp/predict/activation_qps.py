@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from qpp.errors import ConfigError, EncodingsError
 from qpp.predict.cost import model_flops
-from qpp.predict.density_offsets import fit_density_offsets
 from qpp.predict.estimator_choice import choose_dynamic_estimator
+from qpp.predict.offsets import fit_offsets
 from qpp.predict.predictor import (
     DEFAULT_FEATURES,
     LinearQPPredictor,
@@ -86,10 +86,10 @@ class ActivationQPSettings:
     #: at the true threshold (a saturated image background, a clipped activation) into an
     #: outlier, while one a little too high costs a few dense values' resolution.
     threshold_margin: float = 0.0
-    #: Shift each predicted Dense+Sparse threshold by the log offset that brings its achieved
-    #: outlier density closest to the target on the calibration data
-    #: (``qpp.predict.density_offsets``).
-    density_offsets: bool = True
+    #: Shift each layer's predicted QPs by the log offset that serves its scheme best on the
+    #: calibration data: the outlier density closest to the target (Dense+Sparse), the least
+    #: quantization error (uniform); ``qpp.predict.offsets``.
+    fit_offsets: bool = True
     #: The features read at most this many elements of each source per sample (None: all).
     feature_elements: int | None = DEFAULT_FEATURE_ELEMENTS
     ridge: float = 1e-3
@@ -159,8 +159,8 @@ class ActivationQPs:
     samplers: dict[str, SampleQuantizer]
     predictors: list[LinearQPPredictor] = field(default_factory=list)
     fit_r_squared: dict[str, float] = field(default_factory=dict)
-    #: The log offsets ``fit_density_offsets`` added to predicted Dense+Sparse thresholds.
-    threshold_offsets: dict[str, float] = field(default_factory=dict)
+    #: The log offsets ``fit_offsets`` added to each layer's predicted QPs.
+    qp_offsets: dict[str, float] = field(default_factory=dict)
     #: ``estimator="auto"``: each candidate per-input estimator's relative output error on the
     #: calibration batches (``qpp.predict.estimator_choice``); ``settings`` holds the choice.
     estimator_errors: dict[str, float] = field(default_factory=dict)
@@ -275,7 +275,7 @@ class ActivationQPs:
             "layers": layers,
             "predictors": predictors,
             "fit_r_squared": self.fit_r_squared,
-            "threshold_offsets": self.threshold_offsets,
+            "qp_offsets": self.qp_offsets,
             "estimator_errors": self.estimator_errors,
             "static_output_error": self.static_output_error,
         }
@@ -573,8 +573,8 @@ def configure_activation_qps(
         handle.predictors.append(predictor)
     handle._install_predictors()
     handle.set_mode(mode.value)
-    if settings.density_offsets and mode is QPMode.PREDICTED:
-        handle.threshold_offsets = fit_density_offsets(
+    if settings.fit_offsets and mode is QPMode.PREDICTED:
+        handle.qp_offsets = fit_offsets(
             model,
             samplers,
             handle.predictors,
@@ -628,7 +628,7 @@ def load_activation_qps(
             f"{folder}'s activation QP state is corrupt ({error}); quantize again"
         ) from None
     handle.fit_r_squared = dict(saved.get("fit_r_squared", {}))
-    handle.threshold_offsets = dict(saved.get("threshold_offsets", {}))
+    handle.qp_offsets = dict(saved.get("qp_offsets", {}))
     handle._install_predictors()
     handle.set_mode(mode.value)
     return handle

@@ -290,7 +290,7 @@ def test_threshold_margin_raises_predicted_thresholds(net: nn.Module) -> None:
             mode="predicted",
             scheme="dense-sparse",
             threshold_margin=margin,
-            density_offsets=False,
+            fit_offsets=False,
             **INPUT_ONLY,
         )
         handle = configure_activation_qps(model, scaled_batches(4, 0), settings)

@@ -1,4 +1,4 @@
-"""Predicted Dense+Sparse thresholds fitted to the outlier density (qpp.predict.density_offsets)."""
+"""Predicted QPs shifted to serve their scheme (qpp.predict.offsets)."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ from torch import nn
 
 from qpp.api import quantize
 from qpp.predict import ActivationQPSettings, configure_activation_qps
-from qpp.predict.density_offsets import best_offset, densities_above
+from qpp.predict.offsets import best_offset, densities_above, range_errors
 from qpp.sim.config import QuantConfig
 
 RHO = 0.01
@@ -44,13 +44,13 @@ def test_densities_above_counts_strictly_larger_magnitudes() -> None:
     assert torch.equal(densities_above(rows, thresholds), expected)
 
 
-def test_best_offset_prefers_the_target_then_the_smaller_shift() -> None:
+def test_best_offset_prefers_the_least_loss_then_the_smaller_shift() -> None:
     offsets = torch.tensor([-0.1, 0.0, 0.1, 0.2])
     densities = torch.tensor([[0.05, 0.03, 0.01, 0.01], [0.05, 0.02, 0.01, 0.01]])
-    assert best_offset(densities, offsets, 0.01) == 2
+    assert best_offset((densities - 0.01).square(), offsets) == 2
 
 
-def _conv_input_densities(density_offsets: bool) -> tuple[torch.Tensor, dict[str, float]]:
+def _conv_input_densities(fit_offsets: bool) -> tuple[torch.Tensor, dict[str, float]]:
     torch.manual_seed(0)
     net = ClippedNet().eval()
     model = quantize(net, batches(4, 0), QuantConfig(activation_bits=4))
@@ -62,14 +62,14 @@ def _conv_input_densities(density_offsets: bool) -> tuple[torch.Tensor, dict[str
             scheme="dense-sparse",
             outlier_fraction=RHO,
             sources=("scale.input",),  # the conv's threshold is predicted from the input
-            density_offsets=density_offsets,
+            fit_offsets=fit_offsets,
         ),
     )
     with torch.no_grad(), handle.tracking_density() as layers:
         for batch in batches(4, 9):
             model(*batch)
     conv_input = next(layer for layer in layers if layer.name.startswith("conv"))
-    return conv_input.values, handle.threshold_offsets
+    return conv_input.values, handle.qp_offsets
 
 
 def test_offsets_keep_a_tied_mass_out_of_the_outliers() -> None:
@@ -92,4 +92,55 @@ def test_only_predicted_thresholds_get_offsets(mode: str) -> None:
     handle = configure_activation_qps(
         model, batches(2, 0), ActivationQPSettings(mode=mode, scheme="dense-sparse")
     )
-    assert handle.threshold_offsets == {}
+    assert handle.qp_offsets == {}
+
+
+def test_range_errors_are_the_fake_quantization_errors() -> None:
+    torch.manual_seed(0)
+    model = quantize(ClippedNet().eval(), batches(2, 0), QuantConfig(activation_bits=4))
+    handle = configure_activation_qps(model, batches(2, 0), ActivationQPSettings(mode="dynamic"))
+    sampler = next(iter(handle.samplers.values()))
+    rows = torch.randn(3, 500)
+    lo, hi = torch.full((3,), -1.0), torch.tensor([1.0, 2.0, 3.0])
+    errors = range_errors(rows, lo, hi, torch.tensor([1.0, 0.5], dtype=torch.float64), sampler)
+    for index, factor in enumerate((1.0, 0.5)):
+        step = (hi - lo) * factor / 15  # 4 bits: 15 steps
+        zero = torch.round(-lo * factor / step)
+        quantized = (
+            torch.clamp(torch.round(rows / step[:, None]) + zero[:, None], 0, 15) - zero[:, None]
+        ) * step[:, None]
+        expected = (quantized - rows).double().square().sum(dim=1)
+        assert torch.allclose(errors[:, index], expected, rtol=1e-5)
+
+
+def _first_layer_error(fit_offsets: bool) -> tuple[float, dict[str, float]]:
+    """Squared quantization error at the network input on fresh inputs, with a predictor that
+    cannot see the input's scale (its mean only) and so predicts one range for all."""
+    torch.manual_seed(0)
+    model = quantize(ClippedNet().eval(), batches(4, 0), QuantConfig(activation_bits=4))
+    handle = configure_activation_qps(
+        model,
+        batches(8, 0),
+        ActivationQPSettings(
+            mode="predicted", features=("mean",), sources=("scale.input",), fit_offsets=fit_offsets
+        ),
+    )
+    first = handle.samplers["scale.input"].quantizer
+    total = [0.0]
+
+    def measure(module, args, output) -> None:  # type: ignore[no-untyped-def]
+        total[0] += float((output - args[0]).square().sum())
+
+    hook = first.register_forward_hook(measure)
+    with torch.no_grad():
+        for batch in batches(4, 9):
+            model(*batch)
+    hook.remove()
+    return total[0], handle.qp_offsets
+
+
+def test_uniform_offsets_lower_the_quantization_error() -> None:
+    plain, none = _first_layer_error(False)
+    fitted, offsets = _first_layer_error(True)
+    assert none == {} and "scale.input" in offsets
+    assert fitted < plain, (plain, fitted, offsets)
