@@ -200,7 +200,10 @@ def quantize(
     ] = "auto",
     predictor_elements: Annotated[
         int,
-        typer.Option(help="elements of each source the predictor's features read per input"),
+        typer.Option(
+            help="elements of each source the predictor's features read per input (auto "
+            "sources may halve it, down to 512, to afford more sources)"
+        ),
     ] = 2048,
     compare: Annotated[
         bool, typer.Option(help="also evaluate static, predicted and dynamic QPs; one table")
