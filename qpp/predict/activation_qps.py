@@ -510,12 +510,11 @@ def configure_activation_qps(
         settings = replace(settings, feature_elements=elements)
     handle, order = attach(model, settings, schemes)
     samplers = handle.samplers
-    choosing = (
+    if (
         scheme is Scheme.UNIFORM
         and mode is not QPMode.STATIC
         and settings.estimator == AUTO_ESTIMATOR
-    )
-    if choosing:
+    ):
         choice = choose_dynamic_estimator(
             model, samplers.values(), batches, show_progress=show_progress
         )

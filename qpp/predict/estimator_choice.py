@@ -5,9 +5,10 @@ W8 weights, 4-bit activations on ppocr-cls (accuracy over 300 lines, static MSE 
 min-max 55.7, percentile 99.99 67.3, percentile 99.9 78.0, MSE 58.3; on all-MiniLM-L6-v2 (A4,
 mean cosine, static 0.748): min-max 0.463, percentile 99.99 0.614, percentile 99.9 0.717, MSE
 0.706 (MSE then searched a coarse grid; on the full grid, 2026-12-05: ppocr-cls 77.7 against
-static 74.3 and percentile 99.9 73.7, MiniLM 0.725 against static 0.744). In both, the order of the candidates' relative output error against the float model on
-the calibration batches was the order of their task metric on held-out data. So ``auto`` runs
-each candidate on a few calibration batches and keeps the one whose outputs are closest to the
+static 74.3 and percentile 99.9 73.7, MiniLM 0.725 against static 0.744). In both, the order
+of the candidates' relative output error against the float model on the calibration batches
+was the order of their task metric on held-out data. So ``auto`` runs each candidate on a few
+calibration batches and keeps the one whose outputs are closest to the
 float model's, the white paper's criterion for range setting (§3.1: ranges chosen by the
 network's output error rather than each tensor's own error), applied to per-input ranges.
 """
