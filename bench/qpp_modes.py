@@ -49,8 +49,8 @@ SCHEMES = ("uniform", "dense-sparse")
 SIZES: dict[str, dict[str, int]] = {
     "digits-cnn": {},
     "ppocr-cls": {},
-    "minilm": {"num_calibration": 64, "num_evaluation": 200},
-    "ppocr-rec": {"num_calib": 64, "num_eval": 100},
+    "minilm": {"num_calibration": 128, "num_evaluation": 200},
+    "ppocr-rec": {"num_calib": 128, "num_eval": 100},
     "ppocr-det": {"num_calib": 32, "num_eval": 32},
 }
 PREDICTOR = (

@@ -16,7 +16,12 @@ from qpp.predict import (
     load_activation_qps,
     settings_from_config,
 )
-from qpp.predict.activation_qps import budget_sources, execution_order, sample_sizes
+from qpp.predict.activation_qps import (
+    budget_sources,
+    execution_order,
+    sample_sizes,
+    spaced_in_run_order,
+)
 from qpp.predict.cost import model_flops
 from qpp.predict.predictor import DEFAULT_FEATURES
 from qpp.runs import graph_weights
@@ -413,3 +418,16 @@ def test_tensors_without_a_leading_batch_keep_static_qps() -> None:
         handle.set_mode(mode)
         with torch.no_grad():
             assert model(*batches[0]).shape == (4, 6, 4)
+
+
+def test_dense_sparse_sources_are_spaced_in_run_order() -> None:
+    """Candidates at run places 1, 2 and 6: two sources go to 1 and 6 (the run order's ends),
+    not to the first two candidates; all of them when the count allows."""
+    positions = {"a": 1, "b": 2, "c": 6}
+    names = ["a", "b", "c"]
+    assert spaced_in_run_order(names, 2, positions) == ["a", "c"]
+    assert spaced_in_run_order(names, 1, positions) == ["a"]
+    assert spaced_in_run_order(names, 5, positions) == names
+    places = {f"q{i}": 3 * i for i in range(10)}
+    chosen = spaced_in_run_order(list(places), 4, places)
+    assert chosen == ["q0", "q3", "q6", "q9"] and len(set(chosen)) == 4
