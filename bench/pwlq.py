@@ -3,11 +3,13 @@
 For each zoo model, in one run, on the zoo entry's calibration and evaluation data:
 
 * W4A8 and W3A8, per-channel weights: uniform with the MSE range (the core's default),
-  PWLQ (one breakpoint from ``--search``, default the paper's closed-form Gaussian
-  approximation; the official code's non-overlapping form), and PWLQ with the paper's bias
-  correction (+BC); W3A8 also with the coarse-to-fine L2 grid search (+BC, supplement
-  Algorithm 1) and with two breakpoints per side (+BC, paper Table 1); W4A8 also with AdaRound
-  on the uniform grid (``--adaround-iterations``, 0 leaves it out);
+  PWLQ (one breakpoint from ``--search``, default ``auto``: per channel the better of the
+  closed-form Gaussian approximation and the L2 search; the official code's non-overlapping
+  form), PWLQ with the paper's bias correction (+BC), and +BC followed by the white paper's
+  empirical bias correction on the calibration data (eq. 19); W3A8 also with the
+  coarse-to-fine L2 grid search (+BC, supplement Algorithm 1) and with two breakpoints per
+  side (+BC, paper Table 1); W4A8 also with AdaRound on the uniform grid
+  (``--adaround-iterations``, 0 leaves it out);
 * W4A4: uniform (MSE ranges) against PWLQ on weights (+BC) and activations (one breakpoint, and
   two), the activations' breakpoints from a histogram of the calibration data.
 
@@ -69,6 +71,8 @@ ADAROUND_SAMPLES = 32
 #: The W3A8 "split" row: layers whose relative weight error with one breakpoint is above this
 #: get two per side (``PiecewiseSpec.split_above``).
 SPLIT_ABOVE = 0.015
+#: The label of the rows with the white paper's empirical bias correction on top of +BC.
+EMPIRICAL_BC = "empirical bias correction"
 STARTED = time.perf_counter()
 
 
@@ -106,6 +110,16 @@ def variants(search: str, adaround_iterations: int) -> list[Variant]:
                 f"{group} PWLQ +BC",
                 group,
                 QuantConfig(weight_bits=bits, weight_quantizer="pwlq", piecewise=corrected),
+            ),
+            Variant(
+                f"{group} PWLQ +BC, {EMPIRICAL_BC}",
+                group,
+                QuantConfig(
+                    weight_bits=bits,
+                    weight_quantizer="pwlq",
+                    piecewise=corrected,
+                    empirical_bias_correction=True,
+                ),
             ),
         ]
         if bits == 4 and adaround_iterations:
@@ -346,6 +360,10 @@ def verdict(name: str, primary: str, rows: list[Row], higher: bool) -> str:
             f"metric better than uniform {'yes' if better else 'NO'}, "
             f"+BC better still {'yes' if bc_better else 'NO'}"
         )
+        empirical = by_label.get(f"{group} PWLQ +BC, {EMPIRICAL_BC}")
+        if empirical is not None:
+            beats = sign * (empirical.metrics[primary] - plain.metrics[primary]) > 0
+            claims[-1] += f", +BC and {EMPIRICAL_BC} better still {'yes' if beats else 'NO'}"
     split_label = f"W3A8 PWLQ +BC, 2 breakpoints above {SPLIT_ABOVE:.1%} error"
     for label in ("W3A8 PWLQ grid search +BC", split_label, "W3A8 PWLQ 2 breakpoints +BC"):
         row = by_label.get(label)
@@ -426,7 +444,10 @@ range. Uniform: symmetric per-channel grid with the MSE range (the core's defaul
 `--weight-quantizer pwlq --breakpoint-search {search}`: one breakpoint per side from
 {SEARCH_TEXT[search]}, the official code's non-overlapping form, `m = max|w|` per channel, every
 conv and linear quantized (first and last included); +BC: `--bias-correction` (per-channel mean
-and std, as the paper's code). "grid search": `--breakpoint-search grid`, the coarse-to-fine
+and std, as the paper's code); "+BC, {EMPIRICAL_BC}": `--bias-correction
+--empirical-bias-correction`, +BC and then the white paper's bias correction on data (eq. 19:
+each layer's bias minus its output mean shift on the calibration set, layer by layer; ours on
+PWLQ, not the paper's). "grid search": `--breakpoint-search grid`, the coarse-to-fine
 search on each channel's L2 error (supplement Algorithm 1). "2 breakpoints": `--breakpoints 2`
 (supplement eq. 1, paper Table 1; {TWO_TEXT[search]}), two region
 bits per weight. "2 breakpoints above {SPLIT_ABOVE:.1%} error": `--split-above {SPLIT_ABOVE}`,

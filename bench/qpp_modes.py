@@ -51,7 +51,7 @@ SIZES: dict[str, dict[str, int]] = {
     "ppocr-cls": {},
     "minilm": {"num_calibration": 128, "num_evaluation": 200},
     "ppocr-rec": {"num_calib": 128, "num_eval": 100},
-    "ppocr-det": {"num_calib": 32, "num_eval": 32},
+    "ppocr-det": {"num_calib": 64, "num_eval": 100},
 }
 PREDICTOR = (
     "the default predictors (`--predictor-sources auto`: as many evenly spaced sources as 0.5 % "

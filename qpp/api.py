@@ -12,6 +12,7 @@ from qpp.graph.fold import fold_batch_norms, fold_bias_adds, fold_scalar_affines
 from qpp.graph.placement import place_quantizers
 from qpp.predict import configure_activation_qps, settings_from_config
 from qpp.ptq.activations import data_positions, real_positions
+from qpp.ptq.bias_correction import BiasCorrectionConfig, BiasCorrectionReport, bias_correction
 from qpp.report.progress import progress
 from qpp.sim.config import QuantConfig
 from qpp.sim.model import QuantizedModel
@@ -42,7 +43,7 @@ def quantize(
     batches = limit_samples(batches, config.calibration_samples)
     activation_qps = settings_from_config(config)
     quantized = prepare(model, batches[0], config)
-    calibrate(quantized, batches, show_progress)
+    calibrate_and_correct(quantized, batches, show_progress)
     if activation_qps.needs_per_sample:  # dynamic or predicted QPs, or Dense+Sparse (QPP)
         configure_activation_qps(quantized, batches, activation_qps, show_progress)
     return quantized
@@ -72,6 +73,21 @@ def calibrate(
     finally:
         for quantizer in observers:
             quantizer.observed_part = None
+
+
+def calibrate_and_correct(
+    model: QuantizedModel, batches: Sequence[Batch], show_progress: bool = False
+) -> BiasCorrectionReport | None:
+    """``calibrate``; with ``config.empirical_bias_correction``, the white paper's empirical
+    bias correction (eq. 19: each layer's bias minus ``E[ŷ] - E[y]`` on ``batches``) runs
+    between the weight encodings and the activation ranges, and its report is returned."""
+    if not model.config.empirical_bias_correction:
+        calibrate(model, batches, show_progress)
+        return None
+    model.compute_weight_encodings()
+    report = bias_correction(model, batches, BiasCorrectionConfig("empirical"), show_progress)
+    calibrate(model, batches, show_progress, weights=False)
+    return report
 
 
 def limit_samples(batches: list[Batch], samples: int | None) -> list[Batch]:

@@ -251,6 +251,13 @@ def quantize(
             "weight error is above this (e.g. 0.015); default never"
         ),
     ] = None,
+    empirical_bias_correction: Annotated[
+        bool,
+        typer.Option(
+            help="after the weights are quantized, correct each layer's bias by its output "
+            "mean shift on the calibration data (white paper eq. 19); uniform or PWLQ weights"
+        ),
+    ] = False,
 ) -> None:
     """Quantize MODEL, evaluate it against FP32, and save encodings, weights and a report."""
     _quiet_libraries()
@@ -307,6 +314,7 @@ def quantize(
             weight_quantizer=weight_quantizer,
             activation_quantizer=activation_quantizer,
             piecewise=piecewise,
+            empirical_bias_correction=empirical_bias_correction,
         )
     source = _source(model, calib, eval_data)
     if list_quantizers:

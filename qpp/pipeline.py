@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from qpp.api import calibrate, limit_samples, prepare, run
+from qpp.api import calibrate_and_correct, limit_samples, prepare, run
 from qpp.data import check_batches
 from qpp.predict import (
     ActivationQPs,
@@ -241,8 +241,9 @@ def _quantize(
 
     calibration_start = time.perf_counter()
     recipe_report = None
+    correction = None
     if config.recipe is None:
-        calibrate(quantized, batches, show_progress)
+        correction = calibrate_and_correct(quantized, batches, show_progress)
     else:
         from qpp.ptq.recipes import run_recipe
 
@@ -261,6 +262,8 @@ def _quantize(
     }
     if recipe_report is not None:
         extra["recipe"] = asdict(recipe_report)
+    if correction is not None:
+        extra["empirical_bias_correction"] = asdict(correction)
     comparison = None
     if compare and activation_qps is not None:
         comparison = compare_modes(

@@ -100,6 +100,10 @@ class QuantConfig:
     #: calibration; ``adaround_iterations`` per layer (0: bias correction instead).
     recipe: str | None = None
     adaround_iterations: int = RECIPE_ADAROUND_ITERATIONS
+    #: After the weight encodings, subtract each layer's output mean shift measured on the
+    #: calibration data from its bias (white paper eq. 19, ``qpp.ptq.bias_correction``); for
+    #: uniform and PWLQ weights alike (PWLQ's own "+BC" is ``piecewise.bias_correction``).
+    empirical_bias_correction: bool = False
     #: Conv/linear biases on the int32 accumulator grid ``s_x s_w`` (white paper §2.3, eq. 11)
     #: where input and weight are quantized, as integer kernels add them; false keeps them float.
     int32_bias: bool = True
@@ -126,6 +130,12 @@ class QuantConfig:
             raise ConfigError(f"unknown recipe '{self.recipe}'; use one of {', '.join(RECIPES)}")
         if self.adaround_iterations < 0:
             raise ConfigError("adaround_iterations must be 0 (off) or more")
+        if self.empirical_bias_correction and self.recipe is not None:
+            raise ConfigError(
+                f"the {self.recipe} recipe chooses its own weight corrections (AdaRound, or "
+                "empirical bias correction with adaround_iterations 0); drop "
+                "empirical_bias_correction (--empirical-bias-correction) or the recipe"
+            )
         if self.calibration_samples is not None and self.calibration_samples < 1:
             raise ConfigError("calibration_samples must be at least 1 (or null for all)")
         self.weight_spec(None)

@@ -92,3 +92,29 @@ def test_split_layers_pay_their_region_bits_and_export_with_parity(qpp, tmp_path
     )
     assert exported.exit_code == 0, exported.output
     assert json.loads(exported.stdout)["parity"]["passed"]
+
+
+def test_empirical_bias_correction_flag_corrects_biases_and_reproduces(
+    qpp, user_error, tmp_path: Path
+) -> None:
+    """``--empirical-bias-correction`` (white paper eq. 19 on the calibration data, here on top
+    of PWLQ's +BC) reports each corrected layer, and the saved run, corrected biases included,
+    reproduces."""
+    folder = tmp_path / "run"
+    result = qpp(
+        "quantize", "digits-cnn", "--weights", "3", "--weight-quantizer", "pwlq",
+        "--bias-correction", "--empirical-bias-correction", "--json", "--quiet", "--out", folder,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["config"]["empirical_bias_correction"] is True
+    corrected = report["empirical_bias_correction"]["corrected"]
+    assert len(corrected) == 6 and all(shift > 0 for shift in corrected.values()), corrected
+    evaluated = qpp("eval", folder, "--json", "--quiet")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.stdout)["reproduced"] is True
+    user_error(
+        qpp("quantize", "digits-cnn", "--empirical-bias-correction", "--recipe", "wp-ptq"),
+        "empirical_bias_correction",
+        "recipe",
+    )

@@ -1,5 +1,7 @@
 """Bias correction removes the mean output shift that weight quantization causes (§3.3)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -11,6 +13,7 @@ from qpp.ptq.bias_correction import (
     bias_correction,
     clipped_normal_mean,
 )
+from qpp.quant.spec import PiecewiseSpec
 from qpp.sim.config import QuantConfig
 
 W4_PER_TENSOR = QuantConfig(
@@ -107,3 +110,32 @@ def test_empirical_needs_data_and_modes_are_checked(conv_bn_relu_conv) -> None:
         bias_correction(qmodel, None)
     with pytest.raises(ConfigError, match="unknown bias correction mode"):
         BiasCorrectionConfig("exact")
+
+
+def _quantized_weights_only_error(model, data, config: QuantConfig) -> torch.Tensor:
+    """Per output channel mean error of ``quantize(model, data, config)`` with its activation
+    quantizers off (the conditions its bias correction measured in)."""
+    qmodel = qpp.quantize(model, data, config)
+    qmodel.set_enabled(False, kind="activation")
+    return _channel_mean_error(qmodel, qpp.run(model, data), data)
+
+
+def test_quantize_with_empirical_bias_correction_unbiases_pwlq_weights(conv_bn_relu_conv) -> None:
+    """``QuantConfig.empirical_bias_correction`` runs eq. 19 after the weight encodings (here
+    3-bit PWLQ +BC, whose per-channel gain shifts the output mean): the last layer, measured
+    last, ends with no mean error on the calibration data."""
+    model, data = conv_bn_relu_conv
+    pwlq = QuantConfig(
+        weight_bits=3, weight_quantizer="pwlq", piecewise=PiecewiseSpec(bias_correction=True)
+    )
+    before = _quantized_weights_only_error(model, data, pwlq)
+    after = _quantized_weights_only_error(
+        model, data, replace(pwlq, empirical_bias_correction=True)
+    )
+    assert before.abs().max() > 1e-3, before
+    torch.testing.assert_close(after, torch.zeros(6), atol=1e-5, rtol=0)
+
+
+def test_empirical_bias_correction_and_a_recipe_exclude_each_other() -> None:
+    with pytest.raises(ConfigError, match="drop empirical_bias_correction"):
+        QuantConfig(empirical_bias_correction=True, recipe="wp-ptq")
