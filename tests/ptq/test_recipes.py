@@ -66,5 +66,9 @@ def test_recipe_defaults_to_1000_adaround_iterations_and_adaround_alone_to_10k()
     assert QuantConfig().adaround_iterations == RECIPE_ADAROUND_ITERATIONS
     assert AdaRoundConfig().iterations == 10_000
     help_text = CliRunner().invoke(app, ["quantize", "--help"], env={"COLUMNS": "200"}).output
-    line = next(line for line in help_text.splitlines() if "--adaround-iterations" in line)
-    assert "[default: 1000]" in line, line
+    lines = help_text.splitlines()
+    start = next(i for i, line in enumerate(lines) if "--adaround-iterations" in line)
+    # The option's help may wrap onto the lines before the next option's.
+    end = next(i for i in range(start + 1, len(lines)) if "│ --" in lines[i])
+    entry = " ".join(line.strip("│ ") for line in lines[start:end])
+    assert "[default: 1000]" in entry, entry
