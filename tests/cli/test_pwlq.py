@@ -99,7 +99,7 @@ def test_empirical_bias_correction_flag_corrects_biases_and_reproduces(
 ) -> None:
     """``--empirical-bias-correction`` (white paper eq. 19 on the calibration data, here on top
     of PWLQ's +BC) reports each corrected layer, and the saved run, corrected biases included,
-    reproduces."""
+    reproduces and exports with parity."""
     folder = tmp_path / "run"
     result = qpp(
         "quantize", "digits-cnn", "--weights", "3", "--weight-quantizer", "pwlq",
@@ -113,6 +113,13 @@ def test_empirical_bias_correction_flag_corrects_biases_and_reproduces(
     evaluated = qpp("eval", folder, "--json", "--quiet")
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads(evaluated.stdout)["reproduced"] is True
+    # The corrected biases go into the ONNX graph's int32 biases: ORT matches the simulation.
+    exported = qpp(
+        "export", folder, "--onnx", tmp_path / "corrected.onnx", "--check", "--json", "--quiet"
+    )
+    assert exported.exit_code == 0, exported.output
+    parity = json.loads(exported.stdout)["parity"]
+    assert parity["passed"] and parity["metric_difference"] == 0
     user_error(
         qpp("quantize", "digits-cnn", "--empirical-bias-correction", "--recipe", "wp-ptq"),
         "empirical_bias_correction",
