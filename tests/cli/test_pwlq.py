@@ -6,6 +6,19 @@ import json
 from pathlib import Path
 
 
+def reproduce_and_export(qpp, folder: Path, onnx: Path) -> dict:
+    """``qpp eval`` reproduces the saved run and ``qpp export --check`` passes with the same
+    metric in ORT; returns the export report."""
+    evaluated = qpp("eval", folder, "--json", "--quiet")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.stdout)["reproduced"] is True
+    exported = qpp("export", folder, "--onnx", onnx, "--check", "--json", "--quiet")
+    assert exported.exit_code == 0, exported.output
+    export = json.loads(exported.stdout)
+    assert export["parity"]["passed"] and export["parity"]["metric_difference"] == 0
+    return export
+
+
 def test_pwlq_run_reports_storage_and_reproduces(qpp, tmp_path: Path) -> None:
     folder = tmp_path / "run"
     result = qpp(
@@ -27,16 +40,8 @@ def test_pwlq_run_reports_storage_and_reproduces(qpp, tmp_path: Path) -> None:
     assert weights and all(
         len(e["piecewise"]["correction_gain"]) == len(e["scale"]) for e in weights
     )
-    evaluated = qpp("eval", folder, "--json", "--quiet")
-    assert evaluated.exit_code == 0, evaluated.output
-    assert json.loads(evaluated.stdout)["reproduced"] is True
     # The export writes PWLQ weights as integer branches that ORT sums; --check compares.
-    exported = qpp(
-        "export", folder, "--onnx", tmp_path / "pwlq.onnx", "--check", "--json", "--quiet"
-    )
-    assert exported.exit_code == 0, exported.output
-    export = json.loads(exported.stdout)
-    assert export["parity"]["passed"] and export["parity"]["metric_difference"] == 0
+    export = reproduce_and_export(qpp, folder, tmp_path / "pwlq.onnx")
     layers = {"ConvInteger": 15, "QGemm": 3}  # 3 branches each
     assert export["kernels"]["integer"] == {
         **layers,
@@ -110,16 +115,8 @@ def test_empirical_bias_correction_flag_corrects_biases_and_reproduces(
     assert report["config"]["empirical_bias_correction"] is True
     corrected = report["empirical_bias_correction"]["corrected"]
     assert len(corrected) == 6 and all(shift > 0 for shift in corrected.values()), corrected
-    evaluated = qpp("eval", folder, "--json", "--quiet")
-    assert evaluated.exit_code == 0, evaluated.output
-    assert json.loads(evaluated.stdout)["reproduced"] is True
     # The corrected biases go into the ONNX graph's int32 biases: ORT matches the simulation.
-    exported = qpp(
-        "export", folder, "--onnx", tmp_path / "corrected.onnx", "--check", "--json", "--quiet"
-    )
-    assert exported.exit_code == 0, exported.output
-    parity = json.loads(exported.stdout)["parity"]
-    assert parity["passed"] and parity["metric_difference"] == 0
+    reproduce_and_export(qpp, folder, tmp_path / "corrected.onnx")
     user_error(
         qpp("quantize", "digits-cnn", "--empirical-bias-correction", "--recipe", "wp-ptq"),
         "empirical_bias_correction",
