@@ -57,7 +57,10 @@ PREDICTOR = (
     "the default predictors (`--predictor-sources auto`: as many evenly spaced sources as 0.5 % "
     "of the FLOPs, and no more than the dynamic reductions, pay for, at most 256, each reading "
     "2048 elements, or 1024 or 512 where that buys more sources; for Dense+Sparse the sources "
-    "are Dense+Sparse layers; each layer's predicted QPs carry the log offset that serves its "
+    "are Dense+Sparse layers; the default features (`--predictor-features auto`): mean and the "
+    "quantiles 0.99 and 0.999 and max of the positive and of the negative part of x for "
+    "uniform ranges, mean, max and quantiles 0.9, 0.99 and 0.999 of |x| for Dense+Sparse "
+    "thresholds; each layer's predicted QPs carry the log offset that serves its "
     "scheme best on the calibration data: density closest to 1 %, or least quantization "
     "error)"
 )

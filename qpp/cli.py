@@ -192,7 +192,11 @@ def quantize(
         ),
     ] = "auto",
     predictor_features: Annotated[
-        str, typer.Option(help="QP predictor inputs: mean, max, std, qP (quantiles of |x|)")
+        str,
+        typer.Option(
+            help="QP predictor inputs: mean, std, max, qP (quantiles of |x|), pos_max, pos_qP, "
+            "neg_max, neg_qP (of the positive / negative part of x)"
+        ),
     ] = "mean,max,q0.9,q0.99,q0.999",
     predictor_sources: Annotated[
         str,

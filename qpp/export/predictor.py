@@ -8,7 +8,8 @@ becomes part of the graph, so the deployed model needs no range reduction at run
 
 - ``PredictorModule``: one per predictor, at its source. It reads the predictor's fixed
   subset of the source (one Gather), its features in float64 (ReduceMean for ``mean``; one
-  TopK of |x| gives ``max`` and every quantile ``qP``, the k-th smallest being the
+  TopK of |x| gives ``max`` and every quantile ``qP``, one TopK of ``Relu(x)`` / ``Relu(-x)``
+  the signed ``pos_`` / ``neg_`` ones, the k-th smallest being the
   ``(M - k + 1)``-th largest), the ridge map folded with the standardization into one
   ``MatMul + Add``, ``exp``, and every target quantizer's scale and zero point at once;
 - ``PredictedQDQ``: one per predicted activation quantizer, ``QuantizeLinear ->
@@ -28,7 +29,6 @@ tensor, what QPP avoids) are refused.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +37,14 @@ import torch
 from qpp.errors import ConfigError
 from qpp.export.piecewise import _drop_unused
 from qpp.predict.activation_qps import ActivationQPs
-from qpp.predict.predictor import LinearQPPredictor, round_log_ranges
+from qpp.predict.predictor import (
+    SIDES,
+    LinearQPPredictor,
+    is_ranked,
+    quantile_rank,
+    round_log_ranges,
+    split_feature,
+)
 from qpp.predict.qps import QPMode, Scheme, column_subset
 from qpp.quant.affine import MIN_SCALE
 from qpp.sim.quantizer import Quantizer
@@ -99,7 +106,8 @@ class PredictorModule(torch.nn.Module):
     ``log q̂ = c + Σ_f a_f (φ_f - μ_f) / σ_f`` (``LinearQPPredictor``) is folded into
     ``log q̂ = (c - Σ_f a_f μ_f / σ_f) + φ @ (a / σ)``: the same map in float64, with the
     features in the order the graph computes them (``mean``, ``std``, then those read from
-    one TopK: ``max`` and the quantiles). Zero points come out in the 8-bit container type
+    one TopK per part of x: ``max`` and the quantiles of |x|, then of ``max(x, 0)``
+    (``pos_``), then of ``max(-x, 0)`` (``neg_``)). Zero points come out in the 8-bit container type
     when every target shares it (float otherwise), so each QDQ reads them without a Cast.
     """
 
@@ -122,16 +130,24 @@ class PredictorModule(torch.nn.Module):
         names = predictor.feature_names
         self.mean = "mean" in names
         self.std = "std" in names
-        # Positions in the descending TopK of |x|: 0 for max, M - k for the k-th smallest.
-        ranked = [n for n in names if n == "max" or n.startswith("q")]
-        positions = [
-            0 if n == "max" else read - min(read, max(1, math.ceil(float(n[1:]) * read)))
-            for n in ranked
-        ]
-        self.top = 1 + max(positions, default=-1)
-        self.register_buffer("positions", torch.tensor(positions, dtype=torch.int64))
+        # One descending TopK per part of x that ranked features read (|x|, max(x, 0),
+        # max(-x, 0)): position 0 for max, M - k for the k-th smallest.
         order = [names.index(n) for n in ("mean", "std") if n in names]
-        order += [names.index(n) for n in ranked]
+        self.sides: list[str] = []
+        self.tops: list[int] = []
+        for side in ("", *SIDES):
+            ranked = [
+                n for n in names if split_feature(n)[0] == side and is_ranked(split_feature(n)[1])
+            ]
+            if not ranked:
+                continue
+            positions = [read - quantile_rank(split_feature(n)[1], read) for n in ranked]
+            self.register_buffer(
+                f"positions_{len(self.sides)}", torch.tensor(positions, dtype=torch.int64)
+            )
+            self.sides.append(side)
+            self.tops.append(1 + max(positions))
+            order += [names.index(n) for n in ranked]
         weight = predictor.weight.double()
         mean, std = predictor.feature_mean.double(), predictor.feature_std.double()
         slopes = weight[1:] / std[:, None]
@@ -177,9 +193,10 @@ class PredictorModule(torch.nn.Module):
         logs = []
         if self.std:
             logs.append(rows.std(dim=1, correction=0, keepdim=True))
-        if self.top:
-            top = torch.topk(rows.abs(), self.top, dim=1, largest=True, sorted=True).values
-            logs.append(top.index_select(1, self.positions))
+        for index, (side, top) in enumerate(zip(self.sides, self.tops, strict=True)):
+            part = rows.abs() if side == "" else (rows if side == "pos_" else -rows).relu()
+            values = torch.topk(part, top, dim=1, largest=True, sorted=True).values
+            logs.append(values.index_select(1, getattr(self, f"positions_{index}")))
         if logs:
             ranked = logs[0] if len(logs) == 1 else torch.cat(logs, dim=1)
             columns.append(torch.log(ranked.clamp(min=1e-12)))

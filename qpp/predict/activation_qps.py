@@ -25,9 +25,9 @@ from qpp.predict.cost import model_flops
 from qpp.predict.estimator_choice import choose_dynamic_estimator
 from qpp.predict.offsets import fit_offsets
 from qpp.predict.predictor import (
-    DEFAULT_FEATURES,
     LinearQPPredictor,
     check_feature_names,
+    default_features,
     feature_flops,
     round_log_ranges,
     sample_features,
@@ -74,7 +74,8 @@ class ActivationQPSettings:
     outlier_fraction: float = 0.01
     #: The per-sample range estimator of dynamic uniform QPs (and the predictor's targets).
     estimator: str = "auto"
-    features: tuple[str, ...] = DEFAULT_FEATURES
+    #: The predictor's features; empty = the scheme's default (``default_features``).
+    features: tuple[str, ...] = ()
     #: Quantizers whose inputs feed a predictor; empty = ``source_count`` of them, evenly
     #: spaced over the run order from the first activation quantizer on.
     sources: tuple[str, ...] = ()
@@ -100,6 +101,8 @@ class ActivationQPSettings:
         parse_scheme(self.scheme)
         check_outlier_fraction(self.outlier_fraction)
         check_dynamic_estimator(self.estimator)
+        if not self.features:
+            object.__setattr__(self, "features", default_features(self.scheme))
         check_feature_names(self.features)
         if not self.ridge >= 0:
             raise ConfigError(f"ridge must be >= 0, got {self.ridge}")
@@ -726,7 +729,9 @@ def settings_from_config(config: QuantConfig) -> ActivationQPSettings:
         scheme=config.activation_scheme,
         outlier_fraction=float(config.outlier_fraction),
         estimator=config.dynamic_estimator,
-        features=comma_list(config.predictor_features),
+        features=()
+        if config.predictor_features == "auto"
+        else comma_list(config.predictor_features),
         sources=sources,
         source_count=count,
         feature_elements=config.predictor_elements,

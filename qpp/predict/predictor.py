@@ -19,7 +19,20 @@ import torch
 from qpp.errors import ConfigError
 from qpp.predict.qps import column_subset
 
+#: The features of Dense+Sparse predictors, whose targets are thresholds on |x|.
 DEFAULT_FEATURES = ("mean", "max", "q0.9", "q0.99", "q0.999")
+#: The features of uniform predictors, whose targets are the signed ends ``lo`` and ``hi``: the
+#: upper statistics of each part of x. On ppocr-det W8A4 (2026-12-05) they take predicted box F1
+#: from 29.9 to 42.8 (static 24.4, dynamic 43.4), at the same 106 sources.
+SIGNED_FEATURES = (
+    "mean",
+    "pos_q0.99",
+    "pos_q0.999",
+    "pos_max",
+    "neg_q0.99",
+    "neg_q0.999",
+    "neg_max",
+)
 #: Positive statistics enter in log space, like the (log) QPs they predict.
 _LOG_FLOOR = 1e-12
 #: Predicted log ranges are rounded to this grid (0.8 % steps of the range): a deployed graph
@@ -36,36 +49,94 @@ def round_log_ranges(log_qps: torch.Tensor) -> torch.Tensor:
     return torch.round(log_qps / LOG_RANGE_STEP) * LOG_RANGE_STEP
 
 
+#: Prefixes of the signed statistics: of the positive part ``max(x, 0)`` (``pos_``) and of the
+#: negative part ``max(-x, 0)`` (``neg_``). Uniform QPs are the signed ends ``lo`` and ``hi``;
+#: statistics of |x| alone cannot tell which side an input's outliers lie on.
+SIDES = ("pos_", "neg_")
+_RANKED_HELP = "max or a quantile such as q0.99"
+
+
+def split_feature(name: str) -> tuple[str, str]:
+    """``(side, statistic)`` of a feature name: side ``""`` (|x|, or x for mean and std),
+    ``"pos_"`` or ``"neg_"``; statistic ``mean``, ``std``, ``max`` or ``qP``."""
+    for side in SIDES:
+        if name.startswith(side):
+            return side, name[len(side) :]
+    return "", name
+
+
+def is_ranked(statistic: str) -> bool:
+    """Whether a statistic is read from the sorted values (``max`` or a quantile ``qP``)."""
+    return statistic == "max" or statistic.startswith("q")
+
+
+def quantile_rank(statistic: str, elements: int) -> int:
+    """The 1-based rank ``k`` of ``statistic`` among ``elements`` sorted values (``max``: all)."""
+    if statistic == "max":
+        return elements
+    return min(elements, max(1, math.ceil(float(statistic[1:]) * elements)))
+
+
+def _valid_ranked(statistic: str) -> bool:
+    if statistic == "max":
+        return True
+    if not statistic.startswith("q"):
+        return False
+    try:
+        level = float(statistic[1:])
+    except ValueError:
+        return False
+    return 0.0 < level < 1.0
+
+
+def default_features(scheme: str) -> tuple[str, ...]:
+    """``--predictor-features auto``: signed statistics for uniform ranges, statistics of |x|
+    for Dense+Sparse thresholds."""
+    return SIGNED_FEATURES if scheme == "uniform" else DEFAULT_FEATURES
+
+
 def check_feature_names(names: tuple[str, ...]) -> None:
     if not names:
         raise ConfigError("the predictor needs at least one feature; e.g. mean,max,q0.99")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"predictor features repeat a name: {','.join(names)}; list each once")
     for name in names:
-        if name in ("mean", "max", "std"):
+        side, statistic = split_feature(name)
+        if not side and statistic in ("mean", "std"):
             continue
-        if name.startswith("q"):
-            try:
-                level = float(name[1:])
-            except ValueError:
-                level = -1.0
-            if 0.0 < level < 1.0:
-                continue
+        if _valid_ranked(statistic):
+            continue
+        if side:
+            part = "positive" if side == "pos_" else "negative"
+            raise ConfigError(
+                f"unknown predictor feature '{name}': after '{side}' use {_RANKED_HELP} "
+                f"(e.g. {side}q0.99, a statistic of the {part} part of x)"
+            )
         raise ConfigError(
-            f"unknown predictor feature '{name}'; use mean, max, std or a quantile of |x| "
-            "such as q0.99"
+            f"unknown predictor feature '{name}'; use mean, std, max or a quantile of |x| "
+            "such as q0.99, or pos_/neg_ with max or a quantile for the positive or negative "
+            "part of x (e.g. pos_q0.999)"
         )
 
 
 def feature_flops(names: tuple[str, ...], elements: int) -> int:
     """Operations to compute the features of one sample of ``elements`` values: one pass per
-    statistic (a selection for each quantile counts as two passes)."""
-    return sum((2 if name.startswith("q") else 1) * elements for name in names)
+    statistic (a selection for each quantile counts as two passes), and one more for each
+    signed part (``pos_`` / ``neg_``) that the features read."""
+    sides = {split_feature(name)[0] for name in names} - {""}
+    per_statistic = sum(
+        (2 if split_feature(name)[1].startswith("q") else 1) * elements for name in names
+    )
+    return per_statistic + len(sides) * elements
 
 
 def sample_features(
     x: torch.Tensor, names: tuple[str, ...], max_elements: int | None = None
 ) -> torch.Tensor:
     """Per-sample features ``[N, F]`` of ``x`` (batch first): ``mean`` of ``x``; the logs of
-    ``max`` |x|, ``std`` and the quantiles ``qP`` of |x|.
+    ``std``, ``max`` |x| and the quantiles ``qP`` of |x|, and of ``max`` and ``qP`` of the
+    positive part ``max(x, 0)`` (``pos_max``, ``pos_qP``) and of the negative part
+    ``max(-x, 0)`` (``neg_max``, ``neg_qP``).
 
     With ``max_elements``, the statistics read a fixed random subset of that many elements of
     each sample (the same positions for every input), so a source deep in a large model costs
@@ -77,19 +148,19 @@ def sample_features(
     if max_elements is not None and rows.shape[1] > max_elements:
         rows = rows[:, column_subset(rows.shape[1], max_elements)]
     rows = rows.double()
-    magnitudes = rows.abs()
+    parts = {"": rows.abs(), "pos_": rows.clamp(min=0.0), "neg_": (-rows).clamp(min=0.0)}
     columns: list[torch.Tensor] = []
     for name in names:
-        if name == "mean":
+        side, statistic = split_feature(name)
+        if statistic == "mean":
             columns.append(rows.mean(dim=1))
             continue
-        if name == "max":
-            value = magnitudes.amax(dim=1)
-        elif name == "std":
+        if statistic == "std":
             value = rows.std(dim=1, correction=0)
+        elif statistic == "max":
+            value = parts[side].amax(dim=1)
         else:
-            k = min(rows.shape[1], max(1, math.ceil(float(name[1:]) * rows.shape[1])))
-            value = magnitudes.kthvalue(k, dim=1).values
+            value = parts[side].kthvalue(quantile_rank(statistic, rows.shape[1]), dim=1).values
         columns.append(torch.log(value.clamp(min=_LOG_FLOOR)))
     return torch.stack(columns, dim=1)
 

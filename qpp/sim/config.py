@@ -85,8 +85,10 @@ class QuantConfig:
     #: 99.9, mse: the one whose outputs are closest to FP32 on calibration data), minmax,
     #: percentile[:P] or mse[:p].
     dynamic_estimator: str = "auto"
-    #: Comma-separated statistics the QP predictor reads (mean, max, std, qP of |x|).
-    predictor_features: str = "mean,max,q0.9,q0.99,q0.999"
+    #: Comma-separated statistics the QP predictor reads (mean, std, max and qP of |x|, and
+    #: pos_max, pos_qP, neg_max, neg_qP of the positive and negative parts of x).
+    #: ``auto``: the signed ones for uniform ranges, those of |x| for Dense+Sparse thresholds.
+    predictor_features: str = "auto"
     #: Where predictors read their features: ``auto`` (as many evenly spaced activation
     #: quantizers as 0.5 % of the model's FLOPs pays for, at most 256), ``auto:N`` (N of them),
     #: comma-separated quantizer names, or "" (the first quantizer only, as in the paper).

@@ -71,7 +71,8 @@ def digits(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 def test_the_graph_computes_the_predictors_and_ort_runs_integer_kernels(digits: Exported) -> None:
     ops = Counter(node.op_type for node in digits.proto.graph.node)
     assert len(digits.handle.predictors) == 3
-    assert ops["TopK"] == ops["Exp"] == ops["MatMul"] == 3  # one of each per predictor
+    assert ops["Exp"] == ops["MatMul"] == 3  # one of each per predictor
+    assert ops["TopK"] == 2 * 3  # the default uniform features: one per part of x
     constants = {t.name for t in digits.proto.graph.initializer}
     computed = [
         n
@@ -101,20 +102,33 @@ def test_the_graph_takes_batch_one(digits: Exported) -> None:
         check_predicted_batch(4)
 
 
-def test_ort_predicted_scales_equal_the_simulations(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "features",
+    ["mean,max,q0.9,q0.99,q0.999", "neg_max,std,pos_q0.99,q0.9,pos_max,neg_q0.999,mean"],
+    ids=["magnitudes", "signed"],
+)
+def test_ort_predicted_scales_equal_the_simulations(tmp_path: Path, features: str) -> None:
     """One predictor on the network input (the paper's QPP): ORT reads the same tensor, so its
-    float64 features and map round to the very scales and zero points of the simulation."""
+    float64 features and map round to the very scales and zero points of the simulation, with
+    signed features (a TopK per part of x, in another order than the settings') as well."""
     entry = DigitsCNN(num_calibration=32)
-    sample = tuple(x[3:4] for x in entry.evaluation_set().batches[0])
+
+    def signed(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return (2 * batch[0] - 1, *batch[1:])  # pixels in [-1, 1]: both parts of x vary
+
+    sample = signed(tuple(x[3:4] for x in entry.evaluation_set().batches[0]))
     exported = _export(
         entry.load_model(),
-        entry.calibration_set(),
+        [signed(tuple(batch)) for batch in entry.calibration_set()],
         [sample],
         tmp_path / "one.onnx",
         predictor_sources="",
         predictor_elements=None,
+        predictor_features=features,
     )
     graph = exported.proto.graph
+    tops = sum(node.op_type == "TopK" for node in graph.node)
+    assert tops == (1 if features.startswith("mean") else 3)
     constants = {t.name for t in graph.initializer}
     quantizes = [
         n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[1] not in constants

@@ -221,6 +221,8 @@ def test_overhead_counts_the_predictor_and_the_dynamic_reductions(net: nn.Module
         ({"outlier_fraction": 1.0}, "must be in \\[0, 1\\)"),
         ({"dynamic_estimator": "entropy"}, "cannot run per sample"),
         ({"predictor_features": "mean,median"}, "unknown predictor feature 'median'"),
+        ({"predictor_features": "pos_mean"}, "after 'pos_' use max or a quantile"),
+        ({"predictor_features": "max,q0.99,max"}, "repeat a name"),
         ({"predictor_sources": "auto:many"}, "must be auto, auto:N"),
         ({"predictor_sources": "auto:0"}, "at least one source"),
         ({"predictor_elements": 4}, "at least 16 elements"),
