@@ -195,9 +195,11 @@ def quantize(
         str,
         typer.Option(
             help="QP predictor inputs: mean, std, max, qP (quantiles of |x|), pos_max, pos_qP, "
-            "neg_max, neg_qP (of the positive / negative part of x)"
+            "neg_max, neg_qP (of the positive / negative part of x); auto: "
+            "mean,pos_q0.99,pos_q0.999,pos_max,neg_q0.99,neg_q0.999,neg_max for uniform, "
+            "mean,max,q0.9,q0.99,q0.999 for dense-sparse"
         ),
-    ] = "mean,max,q0.9,q0.99,q0.999",
+    ] = "auto",
     predictor_sources: Annotated[
         str,
         typer.Option(help="predictor inputs: auto (by a 0.5 % FLOPs budget), auto:N or names"),

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qpp.predict.predictor import DEFAULT_FEATURES, SIGNED_FEATURES
 from qpp.runs import FILES
 from qpp.zoo import zoo_names
 
@@ -265,6 +266,8 @@ def test_predicted_dense_sparse_with_compare(qpp, user_classifier, tmp_path: Pat
     assert data["outlier_density"]["target"] == 0.2
     assert (run / "activation_qps.json").is_file()
     assert (run / "activation_qps.safetensors").is_file()
+    saved = json.loads((run / "activation_qps.json").read_text())
+    assert saved["settings"]["features"] == list(DEFAULT_FEATURES)  # |x| for thresholds
     assert data["plots"] == ["qps_predicted.png", "outlier_density.png"]
     for name in data["plots"]:
         assert (run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -272,6 +275,20 @@ def test_predicted_dense_sparse_with_compare(qpp, user_classifier, tmp_path: Pat
     evaluated = qpp("eval", run, "--json")
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads(evaluated.stdout)["reproduced"] is True
+
+
+def test_uniform_predictors_read_signed_features_by_default(
+    qpp, user_classifier, tmp_path: Path
+) -> None:
+    run = tmp_path / "uniform-run"
+    result = qpp(
+        "quantize", *user_classifier.args(), "--activation-ranges", "predicted",
+        "--json", "--out", run,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    saved = json.loads((run / "activation_qps.json").read_text())
+    assert saved["settings"]["features"] == list(SIGNED_FEATURES)
+    assert all(p["features"] == list(SIGNED_FEATURES) for p in saved["predictors"])
 
 
 def test_dense_sparse_on_tensors_too_small_for_the_fraction_stays_uniform(
