@@ -84,7 +84,10 @@ def qpp_rows(name: str, entry: Any, bits: list[int]) -> list[str]:
                 entry, quantized, handle, fp32, reference, calibration[0], False
             )
             handle.detach()
-            estimator = handle.settings.estimator if scheme == "uniform" else ""
+            estimators = {
+                "dynamic": handle.settings.estimator,
+                "predicted": f"targets {handle.target_estimator}",
+            }
             modes = comparison.rows["modes"]
             values = {mode: row["metrics"][primary] for mode, row in modes.items()}
             gap = values["dynamic"] - values["static"]
@@ -111,7 +114,7 @@ def qpp_rows(name: str, entry: Any, bits: list[int]) -> list[str]:
                         else ""
                     )
                     + f" | {mode}{sources if mode == 'predicted' else ''}"
-                    + (f", {estimator}" if estimator and mode != "static" else "")
+                    + (f", {estimators[mode]}" if scheme == "uniform" and mode != "static" else "")
                     + " | "
                     f"{row['metrics'][primary]:.4f} | {spread} | "
                     f"{row['overhead_percent']:.3f} | {closed if mode == 'predicted' else ''} |"
@@ -197,8 +200,11 @@ def main(argv: list[str]) -> None:
         "and MSE (per-sample grid search, 24 coarse and 7 fine steps, on 2048 elements) by the "
         "output error vs FP32 on calibration batches, named in the mode "
         "column) and their ridge "
-        f"prediction by {PREDICTOR}; Dense+Sparse: outlier fraction 1 % on every tensor with "
-        "at least 1000 elements per sample (smaller ones, e.g. squeeze-excitation vectors, "
+        f"prediction by {PREDICTOR}; the predictors' targets are the ranges of whichever of "
+        "the two estimators with the lowest dynamic error gives the lower predicted-mode "
+        "output error on the calibration batches (named as `targets`); Dense+Sparse: "
+        "outlier fraction 1 % on every tensor with at least 1000 elements per sample "
+        "(smaller ones, e.g. squeeze-excitation vectors, "
         "keep the uniform scheme in the same mode), static = the mean calibration threshold. "
         "Overhead: the predictor's features and linear maps, or the dynamic reductions, per "
         "input, against the model's FLOPs. ORT rows: `quantize_static` MinMax (QDQ, "

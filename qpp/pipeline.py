@@ -282,6 +282,9 @@ def _quantize(
             "calibration_output_error": activation_qps.estimator_errors,
             "static_output_error": activation_qps.static_output_error,
         }
+        if activation_qps.target_errors:
+            extra["dynamic_estimator"]["predictor_targets"] = activation_qps.target_estimator
+            extra["dynamic_estimator"]["predicted_output_error"] = activation_qps.target_errors
     if activation_qps is not None and activation_qps.fit_r_squared:
         r2 = list(activation_qps.fit_r_squared.values())
         extra["predictor_r_squared"] = {"min": min(r2), "median": sorted(r2)[len(r2) // 2]}

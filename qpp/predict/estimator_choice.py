@@ -47,7 +47,8 @@ class EstimatorChoice:
     static_error: float
 
 
-def _outputs(model: QuantizedModel, batch: Batch) -> list[torch.Tensor]:
+def model_outputs(model: QuantizedModel, batch: Batch) -> list[torch.Tensor]:
+    """Every tensor ``model(*batch)`` returns, as float32."""
     return [t.float() for t in tree_leaves(model(*batch)) if isinstance(t, torch.Tensor)]
 
 
@@ -73,7 +74,7 @@ def relative_output_error(
     error = energy = 0.0
     with torch.no_grad():
         for batch, expected in zip(batches, reference, strict=True):
-            for actual, target in zip(_outputs(model, batch), expected, strict=True):
+            for actual, target in zip(model_outputs(model, batch), expected, strict=True):
                 error += float((actual - target).square().sum())
                 energy += float(target.square().sum())
     return error / max(energy, 1e-30)
@@ -96,7 +97,7 @@ def choose_dynamic_estimator(
         raise ConfigError("choosing a per-input estimator needs uniform activation quantizers")
     used = list(batches[:CHOICE_BATCHES])
     with quantization_off(model), torch.no_grad():
-        reference = [_outputs(model, batch) for batch in used]
+        reference = [model_outputs(model, batch) for batch in used]
     saved = [(s.mode, s.estimator) for s in uniform]
     errors: dict[str, float] = {}
     try:

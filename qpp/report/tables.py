@@ -88,6 +88,13 @@ def print_estimator_choice(result: dict[str, Any], console: Console) -> None:
             f"calibration data: {errors}"
             + (f"; static ranges {static:.4g})" if static is not None else ")")
         )
+        targets = choice.get("predicted_output_error")
+        if targets:
+            listed = ", ".join(f"{name} {error:.4g}" for name, error in targets.items())
+            console.print(
+                f"predictor targets: {choice['predictor_targets']} (relative output error of "
+                f"predicted QPs fitted to each candidate's ranges: {listed})"
+            )
         chosen_error = choice["calibration_output_error"][choice["chosen"]]
         if static is not None and static <= chosen_error:
             console.print(

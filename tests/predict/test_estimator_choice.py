@@ -11,6 +11,7 @@ from torch import nn
 
 from qpp.api import prepare, quantize
 from qpp.predict import ActivationQPSettings, configure_activation_qps, load_activation_qps
+from qpp.predict.activation_qps import TARGET_CANDIDATES
 from qpp.predict.estimator_choice import (
     CANDIDATE_ESTIMATORS,
     CHOICE_BATCHES,
@@ -139,3 +140,58 @@ def test_the_report_says_when_static_ranges_beat_every_per_input_range(
     text = console.export_text()
     assert f"static ranges {static:.4g}" in text
     assert ("per-input QPs may not pay" in text) is noted
+
+
+def _predicted_error(model: object, handle: object, batches: list) -> float:
+    used = batches[:CHOICE_BATCHES]
+    with quantization_off(model), torch.no_grad():  # type: ignore[arg-type]
+        reference = [[model(*b)] for b in used]  # type: ignore[operator]
+    handle.set_mode("predicted")  # type: ignore[attr-defined]
+    return relative_output_error(model, used, reference)  # type: ignore[arg-type]
+
+
+def test_predictor_targets_are_the_candidate_best_predicted(tmp_path: Path) -> None:
+    net, model = _model()
+    batches = spiky_batches(4, 0)
+    handle = configure_activation_qps(model, batches, ActivationQPSettings(mode="predicted"))
+    dynamic = handle.estimator_errors
+    ranked = sorted(dynamic, key=dynamic.__getitem__)
+    assert list(handle.target_errors) == ranked[:TARGET_CANDIDATES]
+    best = min(handle.target_errors, key=handle.target_errors.__getitem__)
+    assert handle.target_estimator == best
+    # The samplers keep the dynamic choice for dynamic mode; the kept fit is the one measured.
+    assert all(s.estimator == handle.settings.estimator for s in handle.samplers.values())
+    assert _predicted_error(model, handle, batches) == pytest.approx(
+        handle.target_errors[best], rel=1e-4
+    )
+    handle.save(tmp_path)
+    handle.detach()
+    # Each candidate's error is what fitting to that estimator alone gives.
+    for candidate, error in handle.target_errors.items():
+        alone = configure_activation_qps(
+            model, batches, ActivationQPSettings(mode="predicted", estimator=candidate)
+        )
+        assert alone.target_estimator == candidate and alone.target_errors == {}
+        assert _predicted_error(model, alone, batches) == pytest.approx(error, rel=1e-4)
+        alone.detach()
+    rebuilt = prepare(net, batches[0], QuantConfig(activation_bits=4))
+    rebuilt.load_encodings(model.encodings())  # type: ignore[attr-defined]
+    loaded = load_activation_qps(rebuilt, tmp_path, ActivationQPSettings(mode="predicted"))
+    assert loaded.target_estimator == best and loaded.target_errors == handle.target_errors
+
+
+def test_the_report_names_the_predictor_targets() -> None:
+    result = {
+        "model": "m",
+        "dynamic_estimator": {
+            "chosen": "mse",
+            "calibration_output_error": {"mse": 0.2, "percentile:99.9": 0.3},
+            "static_output_error": 0.5,
+            "predictor_targets": "percentile:99.9",
+            "predicted_output_error": {"mse": 0.36, "percentile:99.9": 0.31},
+        },
+    }
+    console = Console(record=True, width=400)
+    print_estimator_choice(result, console)
+    text = console.export_text()
+    assert "predictor targets: percentile:99.9" in text and "mse 0.36" in text
