@@ -143,13 +143,16 @@ class ModeComparison:
     rows: dict[str, Any]
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]
     densities: dict[str, torch.Tensor]
+    #: What the predictors were fitted to, for the scatter's axis (uniform: an estimator).
+    exact_label: str = "dynamic (exact) QP"
 
     def plot(self, folder: Path, target: float) -> list[str]:
         from qpp.report.plots import plot_density_histograms, plot_predicted_vs_dynamic
 
         written = []
         if self.pairs:
-            written.append(plot_predicted_vs_dynamic(self.pairs, folder / "qps_predicted.png"))
+            path = folder / "qps_predicted.png"
+            written.append(plot_predicted_vs_dynamic(self.pairs, path, self.exact_label))
         if self.densities:
             path = folder / "outlier_density.png"
             written.append(plot_density_histograms(self.densities, target, path))
@@ -171,6 +174,8 @@ def compare_modes(
     cost = {"static": 0, "predicted": overhead["predictor"], "dynamic": overhead["dynamic"]}
     target = activation_qps.settings.outlier_fraction
     comparison = ModeComparison({"model_flops": flops, "modes": {}}, {}, {})
+    if activation_qps.target_estimator is not None:
+        comparison.exact_label = f"exact QP ({activation_qps.target_estimator}, per input)"
     for mode in ("static", "predicted", "dynamic"):
         activation_qps.set_mode(mode)
         with activation_qps.pairing_qps() as pairs:

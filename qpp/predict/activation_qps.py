@@ -240,13 +240,20 @@ class ActivationQPs:
     @contextmanager
     def pairing_qps(self) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
         """Collect predicted and exact QPs side by side (main QP: ``hi`` or the threshold)
-        for every predicted layer while the block runs (in ``predicted`` mode)."""
+        for every predicted layer while the block runs (in ``predicted`` mode). The exact QPs
+        are those the predictors were fitted to: uniform ranges of ``target_estimator``."""
+        targets = self.target_estimator
+        estimators = {name: s.estimator for name, s in self.samplers.items()}
         for sampler in self.samplers.values():
             sampler.pairs = []
+            if targets is not None and sampler.scheme is Scheme.UNIFORM:
+                sampler.estimator = targets
         result: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         try:
             yield result
         finally:
+            for name, estimator in estimators.items():
+                self.samplers[name].estimator = estimator
             for name, sampler in self.samplers.items():
                 if sampler.pairs:
                     main = "threshold" if sampler.scheme is Scheme.DENSE_SPARSE else "hi"

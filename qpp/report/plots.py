@@ -26,10 +26,13 @@ def _spread(names: list[str], most: int) -> list[str]:
 
 
 def plot_predicted_vs_dynamic(
-    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Path, most: int = 12
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    path: Path,
+    exact_label: str = "dynamic (exact) QP",
+    most: int = 12,
 ) -> Path:
-    """One log-log scatter per layer: the predicted QP of each input against its exact
-    dynamic value (the diagonal is a perfect predictor)."""
+    """One log-log scatter per layer: the predicted QP of each input against the exact
+    per-input value it predicts (``exact_label``; the diagonal is a perfect predictor)."""
     plt = _pyplot()
     from matplotlib.ticker import NullFormatter
 
@@ -50,7 +53,7 @@ def plot_predicted_vs_dynamic(
         axis.tick_params(labelsize=6)
     for axis in list(axes.flat)[len(names) :]:
         axis.axis("off")
-    figure.supxlabel("dynamic (exact) QP")
+    figure.supxlabel(exact_label)
     figure.supylabel("predicted QP")
     figure.tight_layout()
     figure.savefig(path, dpi=110)

@@ -195,3 +195,18 @@ def test_the_report_names_the_predictor_targets() -> None:
     print_estimator_choice(result, console)
     text = console.export_text()
     assert "predictor targets: percentile:99.9" in text and "mse 0.36" in text
+
+
+def test_paired_exact_qps_are_the_predictor_targets() -> None:
+    _, model = _model()
+    batches = spiky_batches(4, 0)
+    handle = configure_activation_qps(model, batches, ActivationQPSettings(mode="predicted"))
+    dynamic = handle.settings.estimator
+    assert dynamic != "minmax"  # min-max wastes the grid on the spike (first test)
+    handle.target_estimator = "minmax"  # pair against per-input min-max ranges
+    x = batches[0][0]
+    with handle.pairing_qps() as pairs, torch.no_grad():
+        model(x)  # type: ignore[operator]
+    _, exact = pairs["first.input"]
+    assert torch.allclose(exact, x.max(dim=1).values)
+    assert all(s.estimator == dynamic for s in handle.samplers.values())
