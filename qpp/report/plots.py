@@ -47,8 +47,14 @@ def plot_predicted_vs_dynamic(
         axis.plot([low, high], [low, high], color="black", linewidth=0.8)
         axis.set_xscale("log")
         axis.set_yscale("log")
+        # Three labelled ticks spread over the data: a layer's QPs often span less than a
+        # decade, where log axes would show no label at all (and minor labels overlap).
+        bottom, top = max(float(low), 1e-12), max(float(high), 1e-12)
+        ticks = sorted({bottom * (top / bottom) ** (k / 2) for k in range(3)})
+        labels = [f"{tick:.2g}" for tick in ticks]
         for scale_axis in (axis.xaxis, axis.yaxis):
-            scale_axis.set_minor_formatter(NullFormatter())  # log minor labels overlap
+            scale_axis.set_minor_formatter(NullFormatter())
+            scale_axis.set_ticks(ticks, labels)
         axis.set_title(name if len(name) < 40 else "…" + name[-39:], fontsize=7)
         axis.tick_params(labelsize=6)
     for axis in list(axes.flat)[len(names) :]:
