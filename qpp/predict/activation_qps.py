@@ -25,8 +25,6 @@ from qpp.predict.cost import model_flops
 from qpp.predict.estimator_choice import (
     CHOICE_BATCHES,
     choose_dynamic_estimator,
-    model_outputs,
-    quantization_off,
     relative_output_error,
 )
 from qpp.predict.offsets import fit_offsets
@@ -577,6 +575,7 @@ def configure_activation_qps(
     sizes = sample_sizes(model, batches[0])
     schemes = layer_schemes(sizes, settings)
     sources: list[str] = []
+    reference: list[list[torch.Tensor]] = []
     if mode is QPMode.PREDICTED:
         sources, elements = _sources(model, settings, sizes, schemes, batches[0])
         settings = replace(settings, feature_elements=elements)
@@ -593,10 +592,11 @@ def configure_activation_qps(
         handle.settings = replace(settings, estimator=choice.chosen)
         handle.estimator_errors = choice.errors
         handle.static_output_error = choice.static_error
+        reference = choice.reference
     if scheme is Scheme.UNIFORM and mode is not QPMode.PREDICTED:
         return handle  # static uses the calibrated encodings; dynamic needs nothing more
     if scheme is Scheme.UNIFORM and settings.estimator == AUTO_ESTIMATOR:
-        _fit_to_best_targets(handle, order, sources, batches, show_progress)
+        _fit_to_best_targets(handle, order, sources, batches, reference, show_progress)
     else:
         _fit_predictors(handle, order, sources, batches, show_progress)
         if scheme is Scheme.UNIFORM and mode is QPMode.PREDICTED:
@@ -630,24 +630,23 @@ def _fit_to_best_targets(
     order: list[Quantizer],
     sources: list[str],
     batches: Sequence[Batch],
+    reference: list[list[torch.Tensor]],
     show_progress: bool,
 ) -> None:
     """Fit the predictors to the targets of each of the ``TARGET_CANDIDATES`` per-input
     estimators with the lowest dynamic output error, and keep the fit whose predicted-mode
     relative output error on ``batches[:CHOICE_BATCHES]`` is lowest (the criterion of
     ``choose_dynamic_estimator``, applied to what the deployed model runs). The samplers keep
-    the dynamic choice for ``dynamic`` mode."""
+    the dynamic choice for ``dynamic`` mode. ``reference``: the float model's outputs on those
+    batches (``EstimatorChoice.reference``)."""
     dynamic = handle.settings.estimator
-    errors = handle.estimator_errors or {dynamic: 0.0}
-    ranked = sorted(errors, key=lambda name: (errors[name], list(errors).index(name)))
-    candidates = ranked[:TARGET_CANDIDATES]
+    errors = handle.estimator_errors
+    candidates = sorted(errors, key=errors.__getitem__)[:TARGET_CANDIDATES]  # stable on ties
     used = list(batches[:CHOICE_BATCHES])
     model = handle.model
     uniform = [s for s in handle.samplers.values() if s.scheme is Scheme.UNIFORM]
     fitted: dict[str, _FittedState] = {}
     try:
-        with quantization_off(model), torch.no_grad():
-            reference = [model_outputs(model, batch) for batch in used]
         for candidate in candidates:
             for sampler in uniform:
                 sampler.estimator = candidate
@@ -661,7 +660,7 @@ def _fit_to_best_targets(
     finally:
         for sampler in uniform:
             sampler.estimator = dynamic
-    best = min(candidates, key=lambda name: (handle.target_errors[name], candidates.index(name)))
+    best = min(candidates, key=handle.target_errors.__getitem__)  # the first on ties
     fitted[best].restore(handle)
     handle.target_estimator = best
     handle._install_predictors()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils._pytree import tree_leaves
@@ -45,10 +45,11 @@ class EstimatorChoice:
     chosen: str
     errors: dict[str, float]
     static_error: float
+    #: The float model's outputs on ``batches[:CHOICE_BATCHES]``, for later comparisons.
+    reference: list[list[torch.Tensor]] = field(default_factory=list, repr=False)
 
 
-def model_outputs(model: QuantizedModel, batch: Batch) -> list[torch.Tensor]:
-    """Every tensor ``model(*batch)`` returns, as float32."""
+def _outputs(model: QuantizedModel, batch: Batch) -> list[torch.Tensor]:
     return [t.float() for t in tree_leaves(model(*batch)) if isinstance(t, torch.Tensor)]
 
 
@@ -74,7 +75,7 @@ def relative_output_error(
     error = energy = 0.0
     with torch.no_grad():
         for batch, expected in zip(batches, reference, strict=True):
-            for actual, target in zip(model_outputs(model, batch), expected, strict=True):
+            for actual, target in zip(_outputs(model, batch), expected, strict=True):
                 error += float((actual - target).square().sum())
                 energy += float(target.square().sum())
     return error / max(energy, 1e-30)
@@ -97,7 +98,7 @@ def choose_dynamic_estimator(
         raise ConfigError("choosing a per-input estimator needs uniform activation quantizers")
     used = list(batches[:CHOICE_BATCHES])
     with quantization_off(model), torch.no_grad():
-        reference = [model_outputs(model, batch) for batch in used]
+        reference = [_outputs(model, batch) for batch in used]
     saved = [(s.mode, s.estimator) for s in uniform]
     errors: dict[str, float] = {}
     try:
@@ -115,5 +116,8 @@ def choose_dynamic_estimator(
     for sampler in uniform:
         sampler.estimator = chosen
     return EstimatorChoice(
-        chosen, {name: round(value, 6) for name, value in errors.items()}, round(static_error, 6)
+        chosen,
+        {name: round(value, 6) for name, value in errors.items()},
+        round(static_error, 6),
+        reference,
     )
