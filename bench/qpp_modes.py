@@ -66,17 +66,27 @@ PREDICTOR = (
 )
 
 
-def qpp_rows(name: str, entry: Any, bits: list[int]) -> list[str]:
+def qpp_rows(
+    name: str,
+    entry: Any,
+    bits: list[int],
+    estimator: str = "auto",
+    schemes: tuple[str, ...] = SCHEMES,
+) -> list[str]:
     fp32 = entry.load_model()
     calibration, evaluation = entry.calibration_set(), entry.evaluation_set()
     reference = run(fp32, evaluation.batches)
     primary = entry.primary_metric
     lines = []
     for activation_bits in bits:
-        config = QuantConfig(activation_bits=activation_bits, activation_ranges="predicted")
+        config = QuantConfig(
+            activation_bits=activation_bits,
+            activation_ranges="predicted",
+            dynamic_estimator=estimator,
+        )
         quantized = prepare(fp32, calibration[0], config)
         calibrate(quantized, calibration, show_progress=False)
-        for scheme in SCHEMES:
+        for scheme in schemes:
             started = time.perf_counter()
             settings = settings_from_config(replace(config, activation_scheme=scheme))
             handle = configure_activation_qps(quantized, calibration, settings)
@@ -85,7 +95,7 @@ def qpp_rows(name: str, entry: Any, bits: list[int]) -> list[str]:
             )
             handle.detach()
             estimators = {
-                "dynamic": handle.settings.estimator,
+                "dynamic": handle.dynamic_estimator_label,
                 "predicted": f"targets {handle.target_estimator}",
             }
             modes = comparison.rows["modes"]
@@ -160,6 +170,12 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--bits", default="8,4", help="activation bit-widths")
     parser.add_argument("--no-ort", action="store_true", help="leave out ONNX Runtime's rows")
     parser.add_argument("--no-docs", action="store_true")
+    parser.add_argument(
+        "--dynamic-estimator",
+        default="auto",
+        help="per-input estimator of the uniform rows: auto, per-layer (slower), minmax, ...",
+    )
+    parser.add_argument("--schemes", default=",".join(SCHEMES), help="uniform,dense-sparse")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     started = time.perf_counter()
@@ -175,7 +191,8 @@ def main(argv: list[str]) -> None:
             print(f"{name} ...", flush=True)
             model_started = time.perf_counter()
             entry = entry_class(name)(**SIZES.get(name, {}))
-            lines = header + qpp_rows(name, entry, bits)
+            schemes = tuple(s for s in args.schemes.split(",") if s)
+            lines = header + qpp_rows(name, entry, bits, args.dynamic_estimator, schemes)
             if not args.no_ort:
                 lines += ort_rows(name, entry, Path(temporary))
             table = "\n".join(lines)

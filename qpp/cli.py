@@ -188,7 +188,8 @@ def quantize(
         str,
         typer.Option(
             help="per-input range: auto (the candidate closest to FP32 on calibration data), "
-            "minmax, percentile[:P], mse[:p]"
+            "per-layer (auto, then each layer's own candidate by the same test; slower: "
+            "3 runs of a calibration batch per layer), minmax, percentile[:P], mse[:p]"
         ),
     ] = "auto",
     predictor_features: Annotated[

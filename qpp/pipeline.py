@@ -287,6 +287,14 @@ def _quantize(
             "calibration_output_error": activation_qps.estimator_errors,
             "static_output_error": activation_qps.static_output_error,
         }
+        if activation_qps.layer_estimators and activation_qps.per_layer_errors:
+            before, after = activation_qps.per_layer_errors
+            extra["dynamic_estimator"]["per_layer"] = {
+                "label": activation_qps.dynamic_estimator_label,
+                "output_error_before": before,
+                "output_error_after": after,
+                "estimators": activation_qps.layer_estimators,
+            }
         if activation_qps.target_errors:
             extra["dynamic_estimator"]["predictor_targets"] = activation_qps.target_estimator
             extra["dynamic_estimator"]["predicted_output_error"] = activation_qps.target_errors

@@ -10,6 +10,7 @@ switches modes, tracks outlier densities, counts the overhead and saves its stat
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -25,6 +26,7 @@ from qpp.predict.cost import model_flops
 from qpp.predict.estimator_choice import (
     CHOICE_BATCHES,
     choose_dynamic_estimator,
+    refine_per_layer,
     relative_output_error,
 )
 from qpp.predict.offsets import fit_offsets
@@ -38,6 +40,8 @@ from qpp.predict.predictor import (
 )
 from qpp.predict.qps import (
     AUTO_ESTIMATOR,
+    CHOSEN_ESTIMATORS,
+    PER_LAYER_ESTIMATOR,
     QPMode,
     SampleQPs,
     SampleQuantizer,
@@ -190,7 +194,31 @@ class ActivationQPs:
     target_estimator: str | None = None
     #: Each target candidate's predicted-mode relative output error on calibration data.
     target_errors: dict[str, float] = field(default_factory=dict)
+    #: ``estimator="per-layer"``: each uniform layer's per-input estimator
+    #: (``qpp.predict.estimator_choice.refine_per_layer``); empty otherwise.
+    layer_estimators: dict[str, str] = field(default_factory=dict)
+    #: The relative output error before and after the per-layer refinement, on the batches
+    #: it ran on (None without it).
+    per_layer_errors: tuple[float, float] | None = None
     _hooks: list[Any] = field(default_factory=list)
+
+    # --- estimators -------------------------------------------------------------------------
+
+    @property
+    def dynamic_estimator_label(self) -> str:
+        """What ``dynamic`` mode runs: one estimator, or ``per-layer (mse 34, minmax 4)``."""
+        if not self.layer_estimators:
+            return self.settings.estimator
+        return f"{PER_LAYER_ESTIMATOR} ({_estimator_counts(self.layer_estimators)})"
+
+    def target_assignment(self) -> dict[str, str]:
+        """The per-input estimator whose QPs each uniform layer's predictor was fitted to."""
+        uniform = [n for n, s in self.samplers.items() if s.scheme is Scheme.UNIFORM]
+        if self.target_estimator == PER_LAYER_ESTIMATOR:
+            return {name: self.layer_estimators[name] for name in uniform}
+        if self.target_estimator is None:
+            return {name: self.samplers[name].estimator for name in uniform}
+        return dict.fromkeys(uniform, self.target_estimator)
 
     # --- modes ------------------------------------------------------------------------------
 
@@ -240,12 +268,11 @@ class ActivationQPs:
         """Collect predicted and exact QPs side by side (main QP: ``hi`` or the threshold)
         for every predicted layer while the block runs (in ``predicted`` mode). The exact QPs
         are those the predictors were fitted to: uniform ranges of ``target_estimator``."""
-        targets = self.target_estimator
         estimators = {name: s.estimator for name, s in self.samplers.items()}
+        for name, estimator in self.target_assignment().items():
+            self.samplers[name].estimator = estimator
         for sampler in self.samplers.values():
             sampler.pairs = []
-            if targets is not None and sampler.scheme is Scheme.UNIFORM:
-                sampler.estimator = targets
         result: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         try:
             yield result
@@ -298,6 +325,8 @@ class ActivationQPs:
         layers = {}
         for index, (name, sampler) in enumerate(self.samplers.items()):
             layers[name] = {"nonnegative": sampler.nonnegative, "scheme": sampler.scheme.value}
+            if name in self.layer_estimators:
+                layers[name]["estimator"] = self.layer_estimators[name]
             if sampler.static_threshold is not None:
                 tensors[f"threshold.{index}"] = sampler.static_threshold.reshape(1).contiguous()
                 layers[name]["threshold"] = f"threshold.{index}"
@@ -315,6 +344,7 @@ class ActivationQPs:
             "static_output_error": self.static_output_error,
             "target_estimator": self.target_estimator,
             "target_errors": self.target_errors,
+            "per_layer_errors": self.per_layer_errors,
         }
         (folder / STATE_FILES[0]).write_text(json.dumps(settings, indent=1))
         save_file(tensors, str(folder / STATE_FILES[1]))
@@ -581,11 +611,8 @@ def configure_activation_qps(
         settings = replace(settings, feature_elements=elements)
     handle, order = attach(model, settings, schemes)
     samplers = handle.samplers
-    if (
-        scheme is Scheme.UNIFORM
-        and mode is not QPMode.STATIC
-        and settings.estimator == AUTO_ESTIMATOR
-    ):
+    chosen = settings.estimator in CHOSEN_ESTIMATORS
+    if scheme is Scheme.UNIFORM and mode is not QPMode.STATIC and chosen:
         choice = choose_dynamic_estimator(
             model, samplers.values(), batches, show_progress=show_progress
         )
@@ -593,9 +620,16 @@ def configure_activation_qps(
         handle.estimator_errors = choice.errors
         handle.static_output_error = choice.static_error
         reference = choice.reference
+        if settings.estimator == PER_LAYER_ESTIMATOR:
+            in_order = {q.name: samplers[q.name] for q in order}
+            refined = refine_per_layer(
+                model, in_order, batches, reference, show_progress=show_progress
+            )
+            handle.layer_estimators = refined.estimators
+            handle.per_layer_errors = (refined.start_error, refined.error)
     if scheme is Scheme.UNIFORM and mode is not QPMode.PREDICTED:
         return handle  # static uses the calibrated encodings; dynamic needs nothing more
-    if scheme is Scheme.UNIFORM and settings.estimator == AUTO_ESTIMATOR:
+    if scheme is Scheme.UNIFORM and chosen:
         _fit_to_best_targets(handle, order, sources, batches, reference, show_progress)
     else:
         _fit_predictors(handle, order, sources, batches, show_progress)
@@ -633,23 +667,21 @@ def _fit_to_best_targets(
     reference: list[list[torch.Tensor]],
     show_progress: bool,
 ) -> None:
-    """Fit the predictors to the targets of each of the ``TARGET_CANDIDATES`` per-input
-    estimators with the lowest dynamic output error, and keep the fit whose predicted-mode
-    relative output error on ``batches[:CHOICE_BATCHES]`` is lowest (the criterion of
-    ``choose_dynamic_estimator``, applied to what the deployed model runs). The samplers keep
-    the dynamic choice for ``dynamic`` mode. ``reference``: the float model's outputs on those
-    batches (``EstimatorChoice.reference``)."""
-    dynamic = handle.settings.estimator
-    errors = handle.estimator_errors
-    candidates = sorted(errors, key=errors.__getitem__)[:TARGET_CANDIDATES]  # stable on ties
+    """Fit the predictors to the targets of each of ``TARGET_CANDIDATES`` estimator choices
+    (``_target_candidates``), and keep the fit whose predicted-mode relative output error on
+    ``batches[:CHOICE_BATCHES]`` is lowest (the criterion of ``choose_dynamic_estimator``,
+    applied to what the deployed model runs). The samplers keep the dynamic choice for
+    ``dynamic`` mode. ``reference``: the float model's outputs on those batches
+    (``EstimatorChoice.reference``)."""
+    dynamic = {name: s.estimator for name, s in handle.samplers.items()}
+    candidates = _target_candidates(handle)
     used = list(batches[:CHOICE_BATCHES])
     model = handle.model
-    uniform = [s for s in handle.samplers.values() if s.scheme is Scheme.UNIFORM]
     fitted: dict[str, _FittedState] = {}
     try:
-        for candidate in candidates:
-            for sampler in uniform:
-                sampler.estimator = candidate
+        for candidate, estimators in candidates.items():
+            for name, estimator in estimators.items():
+                handle.samplers[name].estimator = estimator
             handle.predictors, handle.fit_r_squared, handle.qp_offsets = [], {}, {}
             _fit_predictors(handle, order, sources, batches, show_progress)
             handle.target_errors[candidate] = round(
@@ -658,13 +690,36 @@ def _fit_to_best_targets(
             fitted[candidate] = _FittedState.of(handle)
             handle.detach_predictors()
     finally:
-        for sampler in uniform:
-            sampler.estimator = dynamic
+        for name, estimator in dynamic.items():
+            handle.samplers[name].estimator = estimator
     best = min(candidates, key=handle.target_errors.__getitem__)  # the first on ties
     fitted[best].restore(handle)
     handle.target_estimator = best
     handle._install_predictors()
     handle.set_mode(QPMode.PREDICTED.value)
+
+
+def _target_candidates(handle: ActivationQPs) -> dict[str, dict[str, str]]:
+    """The estimator choices the predictors may be fitted to, by name: the per-layer choice
+    (with ``per-layer``) and the single estimators with the lowest dynamic output error,
+    ``TARGET_CANDIDATES`` in all; each maps every uniform layer to its estimator."""
+    uniform = [n for n, s in handle.samplers.items() if s.scheme is Scheme.UNIFORM]
+    candidates: dict[str, dict[str, str]] = {}
+    per_layer = {n: handle.layer_estimators[n] for n in uniform if n in handle.layer_estimators}
+    if set(per_layer.values()) - {handle.settings.estimator}:  # differs from the single choice
+        candidates[PER_LAYER_ESTIMATOR] = per_layer
+    errors = handle.estimator_errors
+    for name in sorted(errors, key=errors.__getitem__):  # stable on ties
+        if len(candidates) == TARGET_CANDIDATES:
+            break
+        candidates[name] = dict.fromkeys(uniform, name)
+    return candidates
+
+
+def _estimator_counts(estimators: dict[str, str]) -> str:
+    """``{"a": "mse", "b": "mse", "c": "minmax"}`` -> ``"mse 2, minmax 1"``."""
+    counts = Counter(estimators.values())
+    return ", ".join(f"{name} {count}" for name, count in counts.most_common())
 
 
 def _fit_predictors(
@@ -746,6 +801,7 @@ def load_activation_qps(
     settings = _with_saved_estimator(settings, saved)
     handle, _ = attach(model, settings, _saved_schemes(saved))
     handle.estimator_errors = dict((saved or {}).get("estimator_errors", {}))
+    _restore_layer_estimators(handle, saved)
     static_error = (saved or {}).get("static_output_error")
     if isinstance(static_error, int | float):
         handle.static_output_error = float(static_error)
@@ -808,7 +864,7 @@ def _with_saved_estimator(
     settings: ActivationQPSettings, saved: dict[str, Any] | None
 ) -> ActivationQPSettings:
     """``settings`` with the per-input estimator that ``auto`` chose when the run was saved."""
-    if settings.estimator != AUTO_ESTIMATOR or saved is None:
+    if settings.estimator not in CHOSEN_ESTIMATORS or saved is None:
         return settings
     try:
         chosen = saved["settings"].get("estimator", AUTO_ESTIMATOR)
@@ -816,6 +872,29 @@ def _with_saved_estimator(
     except (KeyError, AttributeError, TypeError) as error:
         raise EncodingsError(f"activation QP state is corrupt ({error}); quantize again") from None
     return replace(settings, estimator=chosen)
+
+
+def _restore_layer_estimators(handle: ActivationQPs, saved: dict[str, Any] | None) -> None:
+    """The per-layer estimators ``per-layer`` chose when the run was saved, on the samplers."""
+    if saved is None:
+        return
+    try:
+        chosen = {
+            name: layer["estimator"]
+            for name, layer in saved["layers"].items()
+            if "estimator" in layer and name in handle.samplers
+        }
+        for estimator in chosen.values():
+            if estimator in CHOSEN_ESTIMATORS:
+                raise ValueError(f"layer estimator '{estimator}' is not a per-input estimator")
+            check_dynamic_estimator(estimator)
+        errors = saved.get("per_layer_errors")
+        handle.per_layer_errors = None if errors is None else (float(errors[0]), float(errors[1]))
+    except (KeyError, AttributeError, TypeError, ValueError, IndexError, ConfigError) as error:
+        raise EncodingsError(f"activation QP state is corrupt ({error}); quantize again") from None
+    for name, estimator in chosen.items():
+        handle.samplers[name].estimator = estimator
+    handle.layer_estimators = chosen
 
 
 def _saved_schemes(saved: dict[str, Any] | None) -> dict[str, Scheme] | None:

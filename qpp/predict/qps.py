@@ -64,23 +64,28 @@ def parse_scheme(scheme: str) -> Scheme:
 #: sampler is built before the choice runs) it means min-max at 8 bits and more, MSE below
 #: (white paper §3.1: min-max ranges suffice at 8 bits, lower bit-widths need clipping).
 AUTO_ESTIMATOR = "auto"
+#: ``per-layer``: ``auto``'s choice, then each layer's own estimator, chosen layer by layer on
+#: the model's output error (``qpp.predict.estimator_choice.refine_per_layer``).
+PER_LAYER_ESTIMATOR = "per-layer"
+#: The estimator settings that are chosen on calibration data.
+CHOSEN_ESTIMATORS = (AUTO_ESTIMATOR, PER_LAYER_ESTIMATOR)
 
 
 def resolve_dynamic_estimator(estimator: str, bits: int) -> str:
     """The per-sample estimator ``estimator`` means for a ``bits``-bit activation."""
-    if estimator != AUTO_ESTIMATOR:
+    if estimator not in CHOSEN_ESTIMATORS:
         return estimator
     return "minmax" if bits >= 8 else "mse"
 
 
 def check_dynamic_estimator(estimator: str) -> None:
-    if estimator == AUTO_ESTIMATOR:
+    if estimator in CHOSEN_ESTIMATORS:
         return
     name, _ = parse_estimator(estimator)
     if name not in DYNAMIC_ESTIMATORS:
         raise ConfigError(
-            f"estimator '{estimator}' cannot run per sample; use auto, minmax, percentile[:P] "
-            "or mse[:p]"
+            f"estimator '{estimator}' cannot run per sample; use auto, per-layer, minmax, "
+            "percentile[:P] or mse[:p]"
         )
 
 

@@ -88,6 +88,13 @@ def print_estimator_choice(result: dict[str, Any], console: Console) -> None:
             f"calibration data: {errors}"
             + (f"; static ranges {static:.4g})" if static is not None else ")")
         )
+        per_layer = choice.get("per_layer")
+        if per_layer:
+            console.print(
+                f"then per layer: {per_layer['label']} (relative output error on the first "
+                f"calibration batch {per_layer['output_error_before']:.4g} -> "
+                f"{per_layer['output_error_after']:.4g})"
+            )
         targets = choice.get("predicted_output_error")
         if targets:
             listed = ", ".join(f"{name} {error:.4g}" for name, error in targets.items())
@@ -96,7 +103,7 @@ def print_estimator_choice(result: dict[str, Any], console: Console) -> None:
                 f"predicted QPs fitted to each candidate's ranges: {listed})"
             )
         chosen_error = choice["calibration_output_error"][choice["chosen"]]
-        if static is not None and static <= chosen_error:
+        if static is not None and static <= chosen_error and not per_layer:
             console.print(
                 "[yellow]note: on this calibration data the static ranges are closer to FP32 "
                 "than any per-input range; per-input QPs may not pay on this model (compare "

@@ -291,6 +291,26 @@ def test_uniform_predictors_read_signed_features_by_default(
     assert all(p["features"] == list(SIGNED_FEATURES) for p in saved["predictors"])
 
 
+def test_per_layer_dynamic_ranges_are_reported_and_reproduced(
+    qpp, user_classifier, tmp_path: Path
+) -> None:
+    run = tmp_path / "per-layer-run"
+    result = qpp(
+        "quantize", *user_classifier.args(), "--activations", "4", "--activation-ranges",
+        "dynamic", "--dynamic-estimator", "per-layer", "--json", "--out", run,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    per_layer = json.loads(result.stdout)["dynamic_estimator"]["per_layer"]
+    assert per_layer["output_error_after"] <= per_layer["output_error_before"]
+    saved = json.loads((run / "activation_qps.json").read_text())
+    assert {n: layer["estimator"] for n, layer in saved["layers"].items()} == (
+        per_layer["estimators"]
+    )
+    evaluated = qpp("eval", run, "--json")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.stdout)["reproduced"] is True
+
+
 def test_dense_sparse_on_tensors_too_small_for_the_fraction_stays_uniform(
     qpp, user_classifier
 ) -> None:

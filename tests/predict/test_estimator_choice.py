@@ -1,5 +1,6 @@
-"""``--dynamic-estimator auto``: the per-input range is chosen by output error on calibration
-data (``qpp.predict.estimator_choice``)."""
+"""``--dynamic-estimator auto`` and ``per-layer``: the per-input range is chosen by output
+error on calibration data, for the whole model or layer by layer
+(``qpp.predict.estimator_choice``)."""
 
 import json
 from pathlib import Path
@@ -10,12 +11,15 @@ from rich.console import Console
 from torch import nn
 
 from qpp.api import prepare, quantize
+from qpp.errors import EncodingsError
 from qpp.predict import ActivationQPSettings, configure_activation_qps, load_activation_qps
 from qpp.predict.activation_qps import TARGET_CANDIDATES
 from qpp.predict.estimator_choice import (
     CANDIDATE_ESTIMATORS,
     CHOICE_BATCHES,
+    PER_LAYER_BATCHES,
     quantization_off,
+    refine_per_layer,
     relative_output_error,
 )
 from qpp.report.tables import print_estimator_choice
@@ -210,3 +214,108 @@ def test_paired_exact_qps_are_the_predictor_targets() -> None:
     _, exact = pairs["first.input"]
     assert torch.allclose(exact, x.max(dim=1).values)
     assert all(s.estimator == dynamic for s in handle.samplers.values())
+
+
+# --- per-layer -----------------------------------------------------------------------------
+
+
+def _reference(model: object, batches: list) -> list[list[torch.Tensor]]:
+    with quantization_off(model), torch.no_grad():  # type: ignore[arg-type]
+        return [[model(*b)] for b in batches]  # type: ignore[operator]
+
+
+def test_refinement_clips_only_the_layer_that_needs_it() -> None:
+    """From min-max everywhere, the spiky input (a huge feature the model ignores) takes a
+    clipping estimator and the output error drops; the error recorded is the model's."""
+    _, model = _model()
+    batches = spiky_batches(4, 0)
+    handle = configure_activation_qps(
+        model, batches, ActivationQPSettings(mode="dynamic", estimator="minmax")
+    )
+    used = batches[:PER_LAYER_BATCHES]
+    reference = _reference(model, used)
+    refined = refine_per_layer(model, handle.samplers, batches, reference)
+    assert set(refined.estimators) == set(handle.samplers)
+    assert set(refined.estimators.values()) <= set(CANDIDATE_ESTIMATORS)
+    assert refined.estimators["first.input"] != "minmax"
+    assert refined.error < refined.start_error
+    # The samplers now hold the refined estimators, and the recorded error is theirs.
+    assert relative_output_error(model, used, reference) == pytest.approx(refined.error, rel=1e-4)
+    assert {n: s.estimator for n, s in handle.samplers.items()} == refined.estimators
+    assert all(s.mode.value == "dynamic" for s in handle.samplers.values())
+
+
+def test_per_layer_is_no_worse_than_auto_and_is_saved_and_reloaded(tmp_path: Path) -> None:
+    net, model = _model()
+    batches = spiky_batches(4, 0)
+    settings = ActivationQPSettings(mode="predicted", estimator="per-layer")
+    handle = configure_activation_qps(model, batches, settings)
+    assert handle.settings.estimator in CANDIDATE_ESTIMATORS  # auto's single choice first
+    assert handle.per_layer_errors is not None
+    before, after = handle.per_layer_errors
+    assert after <= before
+    assert set(handle.layer_estimators) == set(handle.samplers)
+    assert handle.dynamic_estimator_label.startswith("per-layer (")
+    # The predictors were fitted to the per-layer choice and the best single estimator.
+    assert len(handle.target_errors) == TARGET_CANDIDATES
+    assert "per-layer" in handle.target_errors
+    assert handle.target_estimator == min(handle.target_errors, key=handle.target_errors.get)
+    # Dynamic mode runs the per-layer estimators.
+    assert {n: s.estimator for n, s in handle.samplers.items()} == handle.layer_estimators
+    handle.save(tmp_path)
+    state = json.loads((tmp_path / "activation_qps.json").read_text())
+    assert {n: layer["estimator"] for n, layer in state["layers"].items()} == (
+        handle.layer_estimators
+    )
+    x = spiky_batches(1, 5)[0]
+    with torch.no_grad():
+        expected = model(*x)  # type: ignore[operator]
+        handle.set_mode("dynamic")
+        expected_dynamic = model(*x)  # type: ignore[operator]
+    rebuilt = prepare(net, x, QuantConfig(activation_bits=4))
+    rebuilt.load_encodings(model.encodings())  # type: ignore[attr-defined]
+    loaded = load_activation_qps(rebuilt, tmp_path, settings)
+    assert loaded.layer_estimators == handle.layer_estimators
+    assert loaded.per_layer_errors == handle.per_layer_errors
+    assert loaded.target_estimator == handle.target_estimator
+    with torch.no_grad():
+        assert torch.equal(rebuilt(*x), expected)
+        loaded.set_mode("dynamic")
+        assert torch.equal(rebuilt(*x), expected_dynamic)
+
+
+def test_a_saved_per_layer_estimator_that_cannot_run_is_refused(tmp_path: Path) -> None:
+    net, model = _model()
+    batches = spiky_batches(4, 0)
+    settings = ActivationQPSettings(mode="dynamic", estimator="per-layer")
+    configure_activation_qps(model, batches, settings).save(tmp_path)
+    path = tmp_path / "activation_qps.json"
+    state = json.loads(path.read_text())
+    state["layers"]["first.input"]["estimator"] = "entropy"
+    path.write_text(json.dumps(state))
+    rebuilt = prepare(net, batches[0], QuantConfig(activation_bits=4))
+    rebuilt.load_encodings(model.encodings())  # type: ignore[attr-defined]
+    with pytest.raises(EncodingsError, match="corrupt"):
+        load_activation_qps(rebuilt, tmp_path, settings)
+
+
+def test_the_report_names_the_per_layer_choice() -> None:
+    result = {
+        "model": "m",
+        "dynamic_estimator": {
+            "chosen": "mse",
+            "calibration_output_error": {"minmax": 0.9, "mse": 0.3},
+            "static_output_error": 0.2,
+            "per_layer": {
+                "label": "per-layer (mse 3, minmax 1)",
+                "output_error_before": 0.31,
+                "output_error_after": 0.12,
+                "estimators": {},
+            },
+        },
+    }
+    console = Console(record=True, width=400)
+    print_estimator_choice(result, console)
+    text = console.export_text()
+    assert "then per layer: per-layer (mse 3, minmax 1)" in text and "0.31 -> 0.12" in text
+    assert "per-input QPs may not pay" not in text  # the single choice's note is superseded
