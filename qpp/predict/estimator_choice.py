@@ -154,10 +154,11 @@ def refine_per_layer(
 
     The white paper's output-error criterion for ranges (§3.1) chosen per layer, where
     ``choose_dynamic_estimator`` chooses one estimator for the whole model: the best clipping
-    differs between layers (measured on MiniLM at A4: the refined error 0.394 against 0.556
-    for MSE everywhere and 0.510 for the static ranges; held-out mean cosine 0.799 against
-    0.726 and 0.746). Start from the samplers' current estimators (``auto``'s choice); the
-    samplers keep the refined estimators and their modes.
+    differs between layers (measured on MiniLM at A4, 2026-12-06: relative output error
+    0.394 after the refinement on its one batch, where MSE everywhere had 0.556 and the static
+    ranges 0.510 on four; held-out mean cosine 0.799 against 0.726 and 0.746). Starts from
+    the samplers' current estimators (``auto``'s choice); the samplers keep the refined
+    estimators and their modes.
     """
     uniform = {name: s for name, s in samplers.items() if s.scheme is Scheme.UNIFORM}
     used = list(batches[:PER_LAYER_BATCHES])
