@@ -60,6 +60,14 @@ def _model() -> tuple[nn.Module, object]:
     return net, quantize(net, spiky_batches(4, 0), QuantConfig(activation_bits=4))
 
 
+def _rebuilt(net: nn.Module, model: object, x: tuple[torch.Tensor]) -> object:
+    """A new quantized ``net`` with ``model``'s weights and encodings (a reloaded run)."""
+    rebuilt = prepare(net, x, QuantConfig(activation_bits=4))
+    rebuilt.graph_module.load_state_dict(graph_weights(model), strict=False)  # type: ignore[arg-type]
+    rebuilt.load_encodings(model.encodings())  # type: ignore[attr-defined]
+    return rebuilt
+
+
 def _output_error(model: object, net: nn.Module, x: torch.Tensor) -> float:
     with torch.no_grad():
         return float((model(x) - net(x)).square().mean())  # type: ignore[operator]
@@ -97,9 +105,7 @@ def test_the_chosen_estimator_is_saved_and_reloaded(tmp_path: Path) -> None:
     handle.set_mode("dynamic")
     expected_dynamic = model(*x)  # type: ignore[operator]
 
-    rebuilt = prepare(net, x, QuantConfig(activation_bits=4))
-    rebuilt.graph_module.load_state_dict(graph_weights(model), strict=False)
-    rebuilt.load_encodings(model.encodings())  # type: ignore[attr-defined]
+    rebuilt = _rebuilt(net, model, x)
     loaded = load_activation_qps(rebuilt, tmp_path, settings)
     assert loaded.settings.estimator == handle.settings.estimator != "auto"
     assert loaded.estimator_errors == handle.estimator_errors
@@ -178,8 +184,7 @@ def test_predictor_targets_are_the_candidate_best_predicted(tmp_path: Path) -> N
         assert alone.target_estimator == candidate and alone.target_errors == {}
         assert _predicted_error(model, alone, batches) == pytest.approx(error, rel=1e-4)
         alone.detach()
-    rebuilt = prepare(net, batches[0], QuantConfig(activation_bits=4))
-    rebuilt.load_encodings(model.encodings())  # type: ignore[attr-defined]
+    rebuilt = _rebuilt(net, model, batches[0])
     loaded = load_activation_qps(rebuilt, tmp_path, ActivationQPSettings(mode="predicted"))
     assert loaded.target_estimator == best and loaded.target_errors == handle.target_errors
 
@@ -272,8 +277,7 @@ def test_per_layer_is_no_worse_than_auto_and_is_saved_and_reloaded(tmp_path: Pat
         expected = model(*x)  # type: ignore[operator]
         handle.set_mode("dynamic")
         expected_dynamic = model(*x)  # type: ignore[operator]
-    rebuilt = prepare(net, x, QuantConfig(activation_bits=4))
-    rebuilt.load_encodings(model.encodings())  # type: ignore[attr-defined]
+    rebuilt = _rebuilt(net, model, x)
     loaded = load_activation_qps(rebuilt, tmp_path, settings)
     assert loaded.layer_estimators == handle.layer_estimators
     assert loaded.per_layer_errors == handle.per_layer_errors
@@ -293,8 +297,7 @@ def test_a_saved_per_layer_estimator_that_cannot_run_is_refused(tmp_path: Path) 
     state = json.loads(path.read_text())
     state["layers"]["first.input"]["estimator"] = "entropy"
     path.write_text(json.dumps(state))
-    rebuilt = prepare(net, batches[0], QuantConfig(activation_bits=4))
-    rebuilt.load_encodings(model.encodings())  # type: ignore[attr-defined]
+    rebuilt = _rebuilt(net, model, batches[0])
     with pytest.raises(EncodingsError, match="corrupt"):
         load_activation_qps(rebuilt, tmp_path, settings)
 
