@@ -68,6 +68,31 @@ def _rebuilt(net: nn.Module, model: object, x: tuple[torch.Tensor]) -> object:
     return rebuilt
 
 
+def _reload_reproduces(
+    net: nn.Module, model: object, handle: object, folder: Path, settings: ActivationQPSettings
+) -> object:
+    """Reload the QPs ``handle`` saved in ``folder`` onto a rebuilt model, check that its
+    outputs equal the original's in the saved mode and in dynamic mode, and return them."""
+    x = spiky_batches(1, 5)[0]
+    with torch.no_grad():
+        expected = model(*x)  # type: ignore[operator]
+        handle.set_mode("dynamic")  # type: ignore[attr-defined]
+        expected_dynamic = model(*x)  # type: ignore[operator]
+    rebuilt = _rebuilt(net, model, x)
+    loaded = load_activation_qps(rebuilt, folder, settings)  # type: ignore[arg-type]
+    with torch.no_grad():
+        assert torch.equal(rebuilt(*x), expected)  # type: ignore[operator]
+        loaded.set_mode("dynamic")
+        assert torch.equal(rebuilt(*x), expected_dynamic)  # type: ignore[operator]
+    return loaded
+
+
+def _reference(model: object, batches: list) -> list[list[torch.Tensor]]:
+    """The float model's outputs on ``batches`` (every quantizer passing through)."""
+    with quantization_off(model), torch.no_grad():  # type: ignore[arg-type]
+        return [[model(*b)] for b in batches]  # type: ignore[operator]
+
+
 def _output_error(model: object, net: nn.Module, x: torch.Tensor) -> float:
     with torch.no_grad():
         return float((model(x) - net(x)).square().mean())  # type: ignore[operator]
@@ -100,20 +125,10 @@ def test_the_chosen_estimator_is_saved_and_reloaded(tmp_path: Path) -> None:
     settings = ActivationQPSettings(mode="predicted")
     handle = configure_activation_qps(model, spiky_batches(4, 0), settings)
     handle.save(tmp_path)
-    x = spiky_batches(1, 5)[0]
-    expected = model(*x)  # type: ignore[operator]
-    handle.set_mode("dynamic")
-    expected_dynamic = model(*x)  # type: ignore[operator]
-
-    rebuilt = _rebuilt(net, model, x)
-    loaded = load_activation_qps(rebuilt, tmp_path, settings)
+    loaded = _reload_reproduces(net, model, handle, tmp_path, settings)
     assert loaded.settings.estimator == handle.settings.estimator != "auto"
     assert loaded.estimator_errors == handle.estimator_errors
     assert loaded.static_output_error == handle.static_output_error is not None
-    with torch.no_grad():
-        assert torch.equal(rebuilt(*x), expected)
-        loaded.set_mode("dynamic")
-        assert torch.equal(rebuilt(*x), expected_dynamic)
 
 
 def test_the_static_ranges_error_is_measured_on_the_same_batches(tmp_path: Path) -> None:
@@ -122,8 +137,7 @@ def test_the_static_ranges_error_is_measured_on_the_same_batches(tmp_path: Path)
     handle = configure_activation_qps(model, batches, ActivationQPSettings(mode="dynamic"))
     assert handle.static_output_error is not None
     used = batches[:CHOICE_BATCHES]
-    with quantization_off(model), torch.no_grad():  # type: ignore[arg-type]
-        reference = [[model(*b)] for b in used]  # type: ignore[operator]
+    reference = _reference(model, used)
     handle.set_mode("static")
     expected = relative_output_error(model, used, reference)  # type: ignore[arg-type]
     assert handle.static_output_error == pytest.approx(expected, rel=1e-4)
@@ -133,29 +147,31 @@ def test_the_static_ranges_error_is_measured_on_the_same_batches(tmp_path: Path)
     assert state["static_output_error"] == handle.static_output_error
 
 
+def _report_text(choice: dict) -> str:
+    """What ``qpp quantize`` prints of a result whose ``dynamic_estimator`` is ``choice``."""
+    console = Console(record=True, width=400)
+    print_estimator_choice({"model": "m", "dynamic_estimator": choice}, console)
+    return console.export_text()
+
+
 @pytest.mark.parametrize(("static", "noted"), [(0.2, True), (0.9, False)])
 def test_the_report_says_when_static_ranges_beat_every_per_input_range(
     static: float, noted: bool
 ) -> None:
-    result = {
-        "model": "m",
-        "dynamic_estimator": {
+    text = _report_text(
+        {
             "chosen": "mse",
             "calibration_output_error": {"minmax": 0.9, "mse": 0.3},
             "static_output_error": static,
-        },
-    }
-    console = Console(record=True, width=400)
-    print_estimator_choice(result, console)
-    text = console.export_text()
+        }
+    )
     assert f"static ranges {static:.4g}" in text
     assert ("per-input QPs may not pay" in text) is noted
 
 
 def _predicted_error(model: object, handle: object, batches: list) -> float:
     used = batches[:CHOICE_BATCHES]
-    with quantization_off(model), torch.no_grad():  # type: ignore[arg-type]
-        reference = [[model(*b)] for b in used]  # type: ignore[operator]
+    reference = _reference(model, used)
     handle.set_mode("predicted")  # type: ignore[attr-defined]
     return relative_output_error(model, used, reference)  # type: ignore[arg-type]
 
@@ -190,19 +206,15 @@ def test_predictor_targets_are_the_candidate_best_predicted(tmp_path: Path) -> N
 
 
 def test_the_report_names_the_predictor_targets() -> None:
-    result = {
-        "model": "m",
-        "dynamic_estimator": {
+    text = _report_text(
+        {
             "chosen": "mse",
             "calibration_output_error": {"mse": 0.2, "percentile:99.9": 0.3},
             "static_output_error": 0.5,
             "predictor_targets": "percentile:99.9",
             "predicted_output_error": {"mse": 0.36, "percentile:99.9": 0.31},
-        },
-    }
-    console = Console(record=True, width=400)
-    print_estimator_choice(result, console)
-    text = console.export_text()
+        }
+    )
     assert "predictor targets: percentile:99.9" in text and "mse 0.36" in text
 
 
@@ -222,11 +234,6 @@ def test_paired_exact_qps_are_the_predictor_targets() -> None:
 
 
 # --- per-layer -----------------------------------------------------------------------------
-
-
-def _reference(model: object, batches: list) -> list[list[torch.Tensor]]:
-    with quantization_off(model), torch.no_grad():  # type: ignore[arg-type]
-        return [[model(*b)] for b in batches]  # type: ignore[operator]
 
 
 def test_refinement_clips_only_the_layer_that_needs_it() -> None:
@@ -272,20 +279,10 @@ def test_per_layer_is_no_worse_than_auto_and_is_saved_and_reloaded(tmp_path: Pat
     assert {n: layer["estimator"] for n, layer in state["layers"].items()} == (
         handle.layer_estimators
     )
-    x = spiky_batches(1, 5)[0]
-    with torch.no_grad():
-        expected = model(*x)  # type: ignore[operator]
-        handle.set_mode("dynamic")
-        expected_dynamic = model(*x)  # type: ignore[operator]
-    rebuilt = _rebuilt(net, model, x)
-    loaded = load_activation_qps(rebuilt, tmp_path, settings)
+    loaded = _reload_reproduces(net, model, handle, tmp_path, settings)
     assert loaded.layer_estimators == handle.layer_estimators
     assert loaded.per_layer_errors == handle.per_layer_errors
     assert loaded.target_estimator == handle.target_estimator
-    with torch.no_grad():
-        assert torch.equal(rebuilt(*x), expected)
-        loaded.set_mode("dynamic")
-        assert torch.equal(rebuilt(*x), expected_dynamic)
 
 
 def test_a_saved_per_layer_estimator_that_cannot_run_is_refused(tmp_path: Path) -> None:
@@ -303,9 +300,8 @@ def test_a_saved_per_layer_estimator_that_cannot_run_is_refused(tmp_path: Path) 
 
 
 def test_the_report_names_the_per_layer_choice() -> None:
-    result = {
-        "model": "m",
-        "dynamic_estimator": {
+    text = _report_text(
+        {
             "chosen": "mse",
             "calibration_output_error": {"minmax": 0.9, "mse": 0.3},
             "static_output_error": 0.2,
@@ -315,10 +311,7 @@ def test_the_report_names_the_per_layer_choice() -> None:
                 "output_error_after": 0.12,
                 "estimators": {},
             },
-        },
-    }
-    console = Console(record=True, width=400)
-    print_estimator_choice(result, console)
-    text = console.export_text()
+        }
+    )
     assert "then per layer: per-layer (mse 3, minmax 1)" in text and "0.31 -> 0.12" in text
     assert "per-input QPs may not pay" not in text  # the single choice's note is superseded
