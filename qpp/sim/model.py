@@ -75,7 +75,7 @@ class QuantizedModel(torch.nn.Module):
         self.graph_module.recompile()
 
     def _call(self, graph: torch.fx.Graph, quantizer: Quantizer, value: Node) -> Node:
-        node = graph.call_module(f"{QUANTIZER_ROOT}.{quantizer.module_key}", (value,))  # type: ignore[attr-defined]
+        node = graph.call_module(self.module_target(quantizer.name), (value,))
         node.meta = {
             k: v for k, v in value.meta.items() if k in ("val", "tensor_meta", "nn_module_stack")
         }
@@ -170,6 +170,10 @@ class QuantizedModel(torch.nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.graph_module(*inputs)
+
+    def module_target(self, name: str) -> str:
+        """The ``call_module`` target by which the graph runs quantizer ``name``."""
+        return f"{QUANTIZER_ROOT}.{self.quantizer(name).module_key}"  # type: ignore[attr-defined]
 
     @property
     def names(self) -> list[str]:

@@ -18,6 +18,7 @@ from qpp.predict.estimator_choice import (
     CANDIDATE_ESTIMATORS,
     CHOICE_BATCHES,
     PER_LAYER_BATCHES,
+    PER_LAYER_MIN_GAIN,
     quantization_off,
     refine_per_layer,
     relative_output_error,
@@ -255,6 +256,39 @@ def test_refinement_clips_only_the_layer_that_needs_it() -> None:
     assert relative_output_error(model, used, reference) == pytest.approx(refined.error, rel=1e-4)
     assert {n: s.estimator for n, s in handle.samplers.items()} == refined.estimators
     assert all(s.mode.value == "dynamic" for s in handle.samplers.values())
+
+
+def _full_run_sweep(model, samplers, used, reference) -> dict[str, str]:
+    """The refinement with a full run of the model for every try (the definition)."""
+    best = relative_output_error(model, used, reference)
+    for sampler in samplers.values():
+        kept = sampler.estimator
+        for candidate in CANDIDATE_ESTIMATORS:
+            if candidate != kept:
+                sampler.estimator = candidate
+                error = relative_output_error(model, used, reference)
+                if error < best * (1.0 - PER_LAYER_MIN_GAIN):
+                    best, kept = error, candidate
+        sampler.estimator = kept
+    return {name: s.estimator for name, s in samplers.items()}
+
+
+def test_running_from_each_layer_chooses_as_full_runs_do() -> None:
+    """The sweep reruns only the graph from the layer being tried; on a model where more than
+    one layer changes, it ends where a sweep of full runs ends."""
+    _, model = _model()
+    batches = spiky_batches(4, 0)
+    handle = configure_activation_qps(
+        model, batches, ActivationQPSettings(mode="dynamic", estimator="mse")
+    )
+    used = batches[:PER_LAYER_BATCHES]
+    reference = _reference(model, used)
+    expected = _full_run_sweep(model, handle.samplers, used, reference)
+    for sampler in handle.samplers.values():
+        sampler.estimator = "mse"
+    refined = refine_per_layer(model, handle.samplers, batches, reference)
+    assert refined.estimators == expected
+    assert sum(choice != "mse" for choice in expected.values()) >= 2
 
 
 def test_per_layer_is_no_worse_than_auto_and_is_saved_and_reloaded(tmp_path: Path) -> None:
