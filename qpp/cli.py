@@ -189,7 +189,7 @@ def quantize(
         typer.Option(
             help="per-input range: auto (the candidate closest to FP32 on calibration data), "
             "per-layer (auto, then each layer's own candidate by the same test; slower: "
-            "3 runs of a calibration batch per layer), minmax, percentile[:P], mse[:p]"
+            "3 runs of a calibration batch from each layer on), minmax, percentile[:P], mse[:p]"
         ),
     ] = "auto",
     predictor_features: Annotated[
