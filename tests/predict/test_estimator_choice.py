@@ -237,16 +237,22 @@ def test_paired_exact_qps_are_the_predictor_targets() -> None:
 # --- per-layer -----------------------------------------------------------------------------
 
 
-def test_refinement_clips_only_the_layer_that_needs_it() -> None:
-    """From min-max everywhere, the spiky input (a huge feature the model ignores) takes a
-    clipping estimator and the output error drops; the error recorded is the model's."""
+def _dynamic_with(estimator: str) -> tuple[object, object, list, list]:
+    """The spiky model in dynamic mode with ``estimator`` on every layer, its calibration
+    batches and the float outputs of the batches the refinement runs on."""
     _, model = _model()
     batches = spiky_batches(4, 0)
     handle = configure_activation_qps(
-        model, batches, ActivationQPSettings(mode="dynamic", estimator="minmax")
+        model, batches, ActivationQPSettings(mode="dynamic", estimator=estimator)
     )
+    return model, handle, batches, _reference(model, batches[:PER_LAYER_BATCHES])
+
+
+def test_refinement_clips_only_the_layer_that_needs_it() -> None:
+    """From min-max everywhere, the spiky input (a huge feature the model ignores) takes a
+    clipping estimator and the output error drops; the error recorded is the model's."""
+    model, handle, batches, reference = _dynamic_with("minmax")
     used = batches[:PER_LAYER_BATCHES]
-    reference = _reference(model, used)
     refined = refine_per_layer(model, handle.samplers, batches, reference)
     assert set(refined.estimators) == set(handle.samplers)
     assert set(refined.estimators.values()) <= set(CANDIDATE_ESTIMATORS)
@@ -276,14 +282,8 @@ def _full_run_sweep(model, samplers, used, reference) -> dict[str, str]:
 def test_running_from_each_layer_chooses_as_full_runs_do() -> None:
     """The sweep reruns only the graph from the layer being tried; on a model where more than
     one layer changes, it ends where a sweep of full runs ends."""
-    _, model = _model()
-    batches = spiky_batches(4, 0)
-    handle = configure_activation_qps(
-        model, batches, ActivationQPSettings(mode="dynamic", estimator="mse")
-    )
-    used = batches[:PER_LAYER_BATCHES]
-    reference = _reference(model, used)
-    expected = _full_run_sweep(model, handle.samplers, used, reference)
+    model, handle, batches, reference = _dynamic_with("mse")
+    expected = _full_run_sweep(model, handle.samplers, batches[:PER_LAYER_BATCHES], reference)
     for sampler in handle.samplers.values():
         sampler.estimator = "mse"
     refined = refine_per_layer(model, handle.samplers, batches, reference)
