@@ -28,9 +28,9 @@ class Segments:
     def __init__(self, graph_module: GraphModule) -> None:
         self.graph_module = graph_module
         self.nodes = list(graph_module.graph.nodes)
-        self.position = {node: index for index, node in enumerate(self.nodes)}
+        position = {node: index for index, node in enumerate(self.nodes)}
         self.last_use = {
-            node: max((self.position[user] for user in node.users), default=index)
+            node: max((position[user] for user in node.users), default=index)
             for index, node in enumerate(self.nodes)
         }
         self._freed_at: dict[int, list[Node]] = {}
@@ -70,8 +70,6 @@ class Segments:
     def _run(
         self, values: CutValues, start: int, stop: int, inputs: tuple[object, ...] = ()
     ) -> dict[Node, object]:
-        if start > 0 and any(n.op == "placeholder" for n in self.nodes[start:stop]):
-            raise ValueError("a segment after the first node cannot take the graph's inputs")
         interpreter = Interpreter(self.graph_module, garbage_collect_values=False)
         interpreter.env = dict(values)
         interpreter.args_iter = iter(inputs)
