@@ -177,6 +177,7 @@ def main(argv: list[str]) -> None:
     )
     parser.add_argument("--schemes", default=",".join(SCHEMES), help="uniform,dense-sparse")
     args = parser.parse_args(argv)
+    schemes = tuple(s for s in args.schemes.split(",") if s)
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     started = time.perf_counter()
     bits = [int(b) for b in args.bits.split(",")]
@@ -191,7 +192,6 @@ def main(argv: list[str]) -> None:
             print(f"{name} ...", flush=True)
             model_started = time.perf_counter()
             entry = entry_class(name)(**SIZES.get(name, {}))
-            schemes = tuple(s for s in args.schemes.split(",") if s)
             lines = header + qpp_rows(name, entry, bits, args.dynamic_estimator, schemes)
             if not args.no_ort:
                 lines += ort_rows(name, entry, Path(temporary))

@@ -621,9 +621,8 @@ def configure_activation_qps(
         handle.static_output_error = choice.static_error
         reference = choice.reference
         if settings.estimator == PER_LAYER_ESTIMATOR:
-            in_order = {q.name: samplers[q.name] for q in order}
             refined = refine_per_layer(
-                model, in_order, batches, reference, show_progress=show_progress
+                model, samplers, batches, reference, show_progress=show_progress
             )
             handle.layer_estimators = refined.estimators
             handle.per_layer_errors = (refined.start_error, refined.error)

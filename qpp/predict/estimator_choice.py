@@ -33,8 +33,8 @@ Batch = Sequence[torch.Tensor]
 CANDIDATE_ESTIMATORS = ("minmax", "percentile:99.99", "percentile:99.9", "mse")
 #: Calibration batches the choice runs on (each candidate runs the model on all of them).
 CHOICE_BATCHES = 4
-#: Calibration batches the per-layer refinement runs on: it runs the model
-#: ``len(candidates) - 1`` times per layer.
+#: Calibration batches the per-layer refinement runs on: it runs the model from each layer
+#: on ``len(candidates) - 1`` times.
 PER_LAYER_BATCHES = 1
 #: A layer takes another estimator when it lowers the output error by more than this share.
 PER_LAYER_MIN_GAIN = 1e-3
