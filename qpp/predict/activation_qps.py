@@ -10,6 +10,7 @@ switches modes, tracks outlier densities, counts the overhead and saves its stat
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -50,7 +51,11 @@ from qpp.predict.qps import (
     parse_mode,
     parse_scheme,
 )
-from qpp.quant.dense_sparse import check_outlier_fraction, min_dense_sparse_elements
+from qpp.quant.dense_sparse import (
+    check_outlier_fraction,
+    dense_sparse_floor,
+    min_dense_sparse_elements,
+)
 from qpp.report.progress import progress
 from qpp.sim.config import QuantConfig
 from qpp.sim.model import QUANTIZER_ROOT, QuantizedModel
@@ -324,7 +329,11 @@ class ActivationQPs:
         tensors: dict[str, torch.Tensor] = {}
         layers = {}
         for index, (name, sampler) in enumerate(self.samplers.items()):
-            layers[name] = {"nonnegative": sampler.nonnegative, "scheme": sampler.scheme.value}
+            layers[name] = {
+                "nonnegative": sampler.nonnegative,
+                "floor": sampler.floor if math.isfinite(sampler.floor) else None,
+                "scheme": sampler.scheme.value,
+            }
             if name in self.layer_estimators:
                 layers[name]["estimator"] = self.layer_estimators[name]
             if sampler.static_threshold is not None:
@@ -755,9 +764,12 @@ def _fit_predictors(
         sampler.recorded = None
         if not records[name]:
             raise ConfigError(f"quantizer '{name}' saw no calibration data; disable it")
-        sampler.nonnegative = bool(min(float(r.lo.min()) for r in records[name]) >= 0)  # type: ignore[union-attr]
+        least = min(float(r.lo.min()) for r in records[name])  # type: ignore[union-attr]
+        sampler.nonnegative = least >= 0
         if sampler.scheme is Scheme.DENSE_SPARSE:
-            sampler.static_threshold = torch.cat([r.threshold for r in records[name]]).mean()  # type: ignore[misc]
+            thresholds = torch.cat([r.threshold for r in records[name]])  # type: ignore[misc]
+            sampler.static_threshold = thresholds.mean()
+            sampler.floor = dense_sparse_floor(least, float(sampler.static_threshold))
 
     position = {q.name: i for i, q in enumerate(order)}
     for index, source in enumerate(sources):
@@ -825,6 +837,10 @@ def load_activation_qps(
                     "another model, quantize again"
                 )
             samplers[name].nonnegative = bool(layer["nonnegative"])
+            floor = layer.get("floor")  # absent in folders saved before floors were kept
+            if floor is None:
+                floor = 0.0 if samplers[name].nonnegative else -math.inf
+            samplers[name].floor = float(floor)
             if "threshold" in layer:
                 samplers[name].static_threshold = tensors[layer["threshold"]][0]
         for index, predictor in enumerate(saved["predictors"]):

@@ -8,6 +8,7 @@ per-sample threshold ``t``; see ``qpp.quant.dense_sparse``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import cache
@@ -171,6 +172,9 @@ class SampleQuantizer:
         self.outlier_fraction = outlier_fraction
         self.estimator = resolve_dynamic_estimator(estimator, quantizer.spec.bits)
         self.nonnegative = False
+        #: The floor of the Dense+Sparse dense range, set from the calibration data
+        #: (``qpp.quant.dense_sparse.dense_sparse_floor``); ``-inf``: none, ``[-t, t]``.
+        self.floor = -math.inf
         self.static_threshold: torch.Tensor | None = None
         self.predicted: SampleQPs | None = None
         self.recorded: list[SampleQPs] | None = None
@@ -237,4 +241,4 @@ class SampleQuantizer:
             )
         if self.densities is not None:
             self.densities.append(outlier_density(rows, threshold))
-        return dense_sparse_fake_quantize(x, threshold, spec.bits, self.nonnegative, axis=0)
+        return dense_sparse_fake_quantize(x, threshold, spec.bits, self.floor, axis=0)

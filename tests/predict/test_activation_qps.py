@@ -187,6 +187,42 @@ def test_save_and_load_reproduce_outputs(net: nn.Module, tmp_path: Path) -> None
         assert torch.equal(rebuilt(*x), expected)
 
 
+class HardswishNet(nn.Module):
+    """A conv and hardswish (output >= -0.375), then a conv whose output is unbounded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.head = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(nn.functional.hardswish(self.conv(x)))
+
+
+def test_dense_sparse_keeps_the_floor_of_bounded_tensors(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = HardswishNet().eval()
+    model = quantize(net, scaled_batches(4, 0), QuantConfig(activation_bits=4))
+    settings = ActivationQPSettings(mode="dynamic", scheme="dense-sparse")
+    handle = configure_activation_qps(model, scaled_batches(4, 0), settings)
+    floors = {name: sampler.floor for name, sampler in handle.samplers.items()}
+    bounded = [name for name, floor in floors.items() if math.isfinite(floor)]
+    assert len(bounded) == 1 and -0.375 - 1e-6 <= floors[bounded[0]] < 0  # hardswish's floor
+    assert len(floors) > 1  # the network input and the head's output reach -t: no floor
+    x = scaled_batches(1, 3)[0]
+    with torch.no_grad(), handle.tracking_density() as layers:
+        dynamic = model(*x)
+    assert all(layer.mean <= 0.01 + 1e-6 for layer in layers)  # no value fell below a floor
+    handle.save(tmp_path)
+    rebuilt = prepare(net, x, QuantConfig(activation_bits=4))
+    rebuilt.graph_module.load_state_dict(graph_weights(model), strict=False)
+    rebuilt.load_encodings(model.encodings())
+    loaded = load_activation_qps(rebuilt, tmp_path, settings)
+    assert {name: s.floor for name, s in loaded.samplers.items()} == floors
+    with torch.no_grad():
+        assert torch.equal(rebuilt(*x), dynamic)
+
+
 def test_detach_restores_static_quantization(net: nn.Module) -> None:
     model = _quantized(net)
     x = scaled_batches(1, 3)[0]
