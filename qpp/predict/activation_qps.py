@@ -272,10 +272,12 @@ class ActivationQPs:
     def pairing_qps(self) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
         """Collect predicted and exact QPs side by side (main QP: ``hi`` or the threshold)
         for every predicted layer while the block runs (in ``predicted`` mode). The exact QPs
-        are those the predictors were fitted to: uniform ranges of ``target_estimator``."""
+        are those the predictors were fitted to: uniform ranges of ``target_estimator``; only
+        predicted layers swap to it (a dynamic layer keeps its own estimator)."""
         estimators = {name: s.estimator for name, s in self.samplers.items()}
         for name, estimator in self.target_assignment().items():
-            self.samplers[name].estimator = estimator
+            if self.samplers[name].mode is QPMode.PREDICTED:
+                self.samplers[name].estimator = estimator
         for sampler in self.samplers.values():
             sampler.pairs = []
         result: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -234,6 +234,26 @@ def test_paired_exact_qps_are_the_predictor_targets() -> None:
     assert all(s.estimator == dynamic for s in handle.samplers.values())
 
 
+def test_pairing_leaves_dynamic_layers_their_own_estimator() -> None:
+    """compare_modes pairs QPs around every mode's evaluation: in dynamic mode the rows must
+    be the dynamic estimator's, not the predictor targets' (a bug before 2026-12-06 evening)."""
+    _, model = _model()
+    batches = spiky_batches(4, 0)
+    handle = configure_activation_qps(model, batches, ActivationQPSettings(mode="predicted"))
+    assert handle.settings.estimator != "minmax"
+    handle.target_estimator = "minmax"
+    handle.set_mode("dynamic")
+    x = batches[0][0]
+    with torch.no_grad():
+        expected = model(x)  # type: ignore[operator]
+        with handle.pairing_qps():
+            assert torch.equal(model(x), expected)  # type: ignore[operator]
+        handle.set_mode("predicted")
+        with handle.pairing_qps() as pairs:
+            model(x)  # type: ignore[operator]
+    assert torch.allclose(pairs["first.input"][1], x.max(dim=1).values)  # predicted: targets
+
+
 # --- per-layer -----------------------------------------------------------------------------
 
 
