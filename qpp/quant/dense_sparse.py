@@ -77,13 +77,11 @@ def dense_grid(
     5-7, ``s = (t - f) / (2^b - 1)``, ``z = round(-f / s)`` (``[0, t]``: ``s = t / (2^b - 1)``).
     """
     low = dense_floor(threshold, floor)
-    half = 2 ** (bits - 1)
     affine_scale, affine_zero = choose_qparams(low, threshold, bits, symmetric=False, signed=False)
+    signed_scale, _ = choose_qparams(-threshold, threshold, bits, symmetric=True, signed=True)
     symmetric = low <= -threshold.float()
-    scale = torch.where(
-        symmetric, torch.clamp(threshold.float() / (half - 1), min=1e-8), affine_scale
-    )
-    zero_point = torch.where(symmetric, torch.full_like(affine_zero, half), affine_zero)
+    scale = torch.where(symmetric, signed_scale, affine_scale)
+    zero_point = torch.where(symmetric, torch.full_like(affine_zero, 2 ** (bits - 1)), affine_zero)
     return scale, zero_point
 
 
