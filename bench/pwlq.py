@@ -402,13 +402,15 @@ EARLIER_MARK = " (earlier run)"
 ACTIVATION_TEXT = {
     "auto": "the clip range m and the breakpoints searched jointly on the calibration "
     "histogram's squared error, clipping included (one breakpoint: a grid of m and p/m, coarse "
-    "to fine; two: a search over m with eq. 6's breakpoints for each m)",
+    "to fine; two: a search over m with eq. 6's breakpoints for each m); a tensor that goes "
+    "below zero gets the better, on that error, of the signed grid on [-m, m] and a one-sided "
+    "grid on [f, m] from its least value f (after hardswish or GELU; zero exact)",
     "approx": "the MSE range of the activation; one breakpoint from the closed form with σ the "
     "calibration histogram's root mean square, two from eq. 6 on its CDF",
     "bisection": "the MSE range of the activation; the breakpoints from eq. 6 on the calibration "
     "histogram's CDF",
     "grid": "as `auto`: the clip range m and the breakpoints searched jointly on the calibration "
-    "histogram's squared error",
+    "histogram's squared error, signed or from the floor f",
 }
 TWO_TEXT = {
     "auto": "per channel the better of eq. 6 solved by bisection on a fitted Gaussian and the "

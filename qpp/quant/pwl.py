@@ -12,7 +12,9 @@ uniform grid. Three forms:
   for the values of piece ``l``.
 
 One-sided (unsigned, post-ReLU) data has no sign bit to spend, so every piece gets ``b`` bits
-on ``[0, m]``. Values with ``|x| = p_l`` go to the outer piece (the code's strict comparisons).
+on ``[0, m]``; or on ``[f, m]`` with a floor ``f < 0`` (after hardswish or GELU, whose least
+value is a small negative number: ``floored_histogram_search``), zero kept on the centre grid.
+Values with ``|x| = p_l`` go to the outer piece (the code's strict comparisons).
 Everything works on rows ``[C, N]`` (one per channel) with per-channel ``m`` and breakpoints,
 vectorized over channels.
 
@@ -85,24 +87,37 @@ class PiecewiseGrid:
     bits: int
     form: str = "non-overlapping"
     signed: bool = True
+    #: One-sided grids only: the low end ``f <= 0`` per channel ``[..., C]`` (None: 0), where
+    #: the centre piece ``[f, p_1]`` starts; values below it clamp to it.
+    floor: torch.Tensor | None = None
 
     @property
     def pieces(self) -> int:
         return self.breakpoints.shape[-1] + 1
 
+    def lowest(self) -> torch.Tensor:
+        """The grid's low end per channel ``[..., C, 1]``: ``-m``, or the floor (0 by default)."""
+        range_max = self.range_max.clamp(min=MIN_SCALE)[..., None]
+        if self.signed:
+            return -range_max
+        if self.floor is None:
+            return torch.zeros_like(range_max)
+        return self.floor.to(range_max.dtype).clamp(max=0)[..., None]
+
     def tables(self) -> PieceTables:
         """Offsets, steps and integer limits of every piece (eq. 3 and the code's forms)."""
         range_max = self.range_max.clamp(min=MIN_SCALE)[..., None]
-        breakpoints = torch.minimum(self.breakpoints.clamp(min=0), range_max)
         zero = torch.zeros_like(range_max)
-        edges = torch.cat([zero, breakpoints, range_max], dim=-1)
+        low = zero if self.signed else self.lowest()
+        breakpoints = torch.minimum(torch.maximum(self.breakpoints, low), range_max)
+        edges = torch.cat([low, breakpoints, range_max], dim=-1)
         lower, upper = edges[..., :-1], edges[..., 1:]
         b = self.bits
         pieces = self.pieces
         if not self.signed:
             levels = 2**b - 1
             if self.form == "overlapping":
-                offsets, steps = torch.zeros_like(lower), upper / levels
+                offsets, steps = low.expand_as(lower), (upper - low) / levels
             else:
                 offsets, steps = lower, (upper - lower) / levels
             largest = torch.full((pieces,), levels)
@@ -137,7 +152,7 @@ class PiecewiseGrid:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per value: sign, piece, integer on that piece's grid, and the piece's offset, step."""
         tables = self.tables()
-        magnitude = rows.abs() if self.signed else rows.clamp(min=0)
+        magnitude = rows.abs() if self.signed else torch.maximum(rows, self.lowest())
         region = self.regions(magnitude)
         # A chain of selections per piece (K + 1 <= 4) is cheaper than gathers per element.
         offset = tables.offsets[..., :1].to(rows.dtype)
@@ -164,11 +179,16 @@ class PiecewiseGrid:
     def quantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """``pw(x; b, m, p)`` of eq. 3 (or the code's forms) on rows ``[..., C, N]``, with the
         straight-through gradient: 1 inside the range, 0 outside."""
-        sign, _, integer, offset, step = self._integers(rows.detach())
+        sign, region, integer, offset, step = self._integers(rows.detach())
         quantized = sign * (offset + integer * step)
+        if not self.signed and self.floor is not None:
+            # The floored centre piece as (q - z)·s with its integer zero point z = -f/s, so
+            # that zero comes out exactly 0, not f + z·s in floating point.
+            zero_point = torch.round(-offset / step)
+            centre = (integer - zero_point) * step
+            quantized = torch.where(region == 0, centre, quantized)
         range_max = self.range_max.clamp(min=MIN_SCALE)[..., None]
-        lower = -range_max if self.signed else torch.zeros_like(range_max)
-        inside = (rows.detach() >= lower) & (rows.detach() <= range_max)
+        inside = (rows.detach() >= self.lowest()) & (rows.detach() <= range_max)
         return quantized + (rows - rows.detach()) * inside
 
     def fake_quantize(self, x: torch.Tensor, axis: int | None) -> torch.Tensor:
@@ -185,6 +205,8 @@ class PiecewiseGrid:
         activations meeting offset pieces. All branches are symmetric (zero point 0), per
         channel along ``axis``.
         """
+        if not self.signed and self.floor is not None and bool((self.floor < 0).any()):
+            raise ValueError("a floored PWLQ grid (activations) has no symmetric branches")
         rows, restore = _as_rows(x.detach(), axis)
         tables = self.tables()
         sign, region, integer, _, _ = self._integers(rows)
@@ -688,6 +710,52 @@ def joint_histogram_search(
         step = step**0.25
     range_max = factor * top
     return PiecewiseGrid(range_max.float(), breakpoints.float(), bits, form, signed)
+
+
+def zero_exact_floor(floor: torch.Tensor, centre_top: torch.Tensor, bits: int) -> torch.Tensor:
+    """The floor ``f' ≈ f`` whose centre grid (``L = 2^b - 1`` steps on ``[f', u]``, ``u = p_1``)
+    holds zero exactly: ``f' = -k u / (L - k)`` for the integer ``k = round(-f L / (u - f))``,
+    so ``-f'`` is ``k`` steps of ``(u - f') / L``. A padded zero must be exact on a real integer
+    grid, as for the uniform affine quantizer (white paper §2.2)."""
+    levels = 2**bits - 1
+    upper = centre_top.double().clamp(min=MIN_SCALE)
+    low = floor.double().clamp(max=0)
+    k = torch.round(-low * levels / (upper - low)).clamp(0, levels - 1)
+    return (-k * upper / (levels - k)).to(floor.dtype)
+
+
+def histogram_error(
+    grid: PiecewiseGrid, counts: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
+) -> torch.Tensor:
+    """``Σ count · (pw(x) - x)²`` per channel of the data a histogram summarises (float64)."""
+    points, weights = histogram_points(counts.double(), lo, hi)
+    error = (grid.quantize_rows(points) - points).double().square()
+    return (error * weights).sum(dim=-1)
+
+
+def floored_histogram_search(
+    counts: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    bits: int,
+    form: str = "non-overlapping",
+    count: int = 1,
+) -> PiecewiseGrid:
+    """A one-sided grid on ``[f, m]`` for data whose least value ``f = lo < 0`` is small
+    (hardswish's -0.375, GELU's -0.17): ``joint_histogram_search`` of the one-sided data
+    ``x - f``, shifted back by ``f``, and the floor moved onto the centre grid so that zero is
+    exact (``zero_exact_floor``). Every piece keeps all ``2^b`` levels, where the signed grid
+    on ``[-m, m]`` spends half of its centre and a whole tail on values that never occur."""
+    floor = lo.double().clamp(max=0)
+    shifted = joint_histogram_search(
+        counts, (lo - floor).float(), (hi - floor).float(), bits, form, False, count
+    )
+    range_max = (shifted.range_max.double() + floor).clamp(min=MIN_SCALE)
+    # Zero stays in the centre piece (p_1 >= 0), where the snapped floor puts it on the grid.
+    breakpoints = shifted.breakpoints.double() + floor[:, None]
+    breakpoints = torch.minimum(breakpoints.clamp(min=0), range_max[:, None])
+    snapped = zero_exact_floor(floor, breakpoints[:, 0], bits)
+    return PiecewiseGrid(range_max.float(), breakpoints.float(), bits, form, False, snapped.float())
 
 
 # ---------------------------------------------------------------------------------------------

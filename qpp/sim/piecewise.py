@@ -4,7 +4,9 @@ Weights: ``m = max|w|`` per channel and the breakpoints of ``spec.piecewise`` (c
 bisection or grid search), optionally the paper's bias correction. Activations: the range from
 the spec's estimator (signed ``[-m, m]`` if it goes below zero, else one-sided ``[0, m]``, as
 PWLQ §5), the breakpoints from a histogram of the calibration data; or (search auto, grid)
-the range and the breakpoints searched together on that histogram.
+the range and the breakpoints searched together on that histogram, and for data that goes a
+little below zero (hardswish, GELU) the better, on that histogram, of the signed grid and a
+one-sided grid on ``[f, m]`` from the least value ``f``.
 
 The inherited ``scale`` buffer holds each channel's centre step (zero point 0), so code that
 reads a scale per channel still works; the grid is in ``range_max`` and ``breakpoints``.
@@ -27,6 +29,8 @@ from qpp.quant.pwl import (
     bias_correction,
     bisection_breakpoints,
     choose_breakpoints,
+    floored_histogram_search,
+    histogram_error,
     joint_histogram_search,
     row_errors,
 )
@@ -42,6 +46,7 @@ class PiecewiseQuantizer(Quantizer):
     breakpoints: torch.Tensor
     correction_shift: torch.Tensor
     correction_gain: torch.Tensor
+    floor: torch.Tensor
 
     def __init__(self, name: str, kind: QuantizerKind, spec: QuantSpec) -> None:
         super().__init__(name, kind, spec)
@@ -49,6 +54,8 @@ class PiecewiseQuantizer(Quantizer):
         self.register_buffer("breakpoints", torch.full((1, 1), 0.5))
         self.register_buffer("correction_shift", torch.zeros(0))
         self.register_buffer("correction_gain", torch.zeros(0))
+        # One-sided activation grids: the low end per channel (0 after ReLU, f < 0 floored).
+        self.register_buffer("floor", torch.zeros(1))
         self.signed = kind is QuantizerKind.WEIGHT
 
     @property
@@ -59,7 +66,12 @@ class PiecewiseQuantizer(Quantizer):
     @property
     def grid(self) -> PiecewiseGrid:  # type: ignore[override]
         return PiecewiseGrid(
-            self.range_max, self.breakpoints, self.spec.bits, self.settings.form, self.signed
+            self.range_max,
+            self.breakpoints,
+            self.spec.bits,
+            self.settings.form,
+            self.signed,
+            None if self.signed else self.floor,
         )
 
     @property
@@ -113,15 +125,14 @@ class PiecewiseQuantizer(Quantizer):
         if settings.search in ("auto", "grid"):
             assert histogram.lo is not None and histogram.hi is not None
             signed = bool((histogram.lo < 0).any())
-            grid = joint_histogram_search(
-                histogram.counts,
-                histogram.lo,
-                histogram.hi,
-                self.spec.bits,
-                settings.form,
-                signed,
-                settings.breakpoints,
-            )
+            arguments = (histogram.counts, histogram.lo, histogram.hi, self.spec.bits)
+            grid = joint_histogram_search(*arguments, settings.form, signed, settings.breakpoints)
+            if signed:
+                floored = floored_histogram_search(*arguments, settings.form, settings.breakpoints)
+                if histogram_error(floored, *arguments[:3]).sum() < (
+                    histogram_error(grid, *arguments[:3]).sum()
+                ):
+                    grid, signed = floored, False
             self.signed = signed
             self.set_piecewise(grid, torch.zeros(0), torch.zeros(0))
             self._statistics = {}
@@ -155,7 +166,16 @@ class PiecewiseQuantizer(Quantizer):
             raise EncodingsError(f"quantizer '{self.name}': breakpoints must lie in [0, range_max]")
         if not bool(torch.all(torch.diff(breakpoints, dim=1) >= 0)):
             raise EncodingsError(f"quantizer '{self.name}': breakpoints must increase")
+        floor = grid.floor if grid.floor is not None and not grid.signed else None
+        if floor is not None and (
+            floor.numel() != range_max.numel()
+            or not bool(torch.all((floor <= 0) & torch.isfinite(floor)))
+        ):
+            raise EncodingsError(
+                f"quantizer '{self.name}': the floor needs one value <= 0 per channel"
+            )
         self.range_max, self.breakpoints = range_max.clone(), breakpoints.clone()
+        self.floor = torch.zeros_like(range_max) if floor is None else floor.float().clone()
         self.correction_shift, self.correction_gain = shift.float().clone(), gain.float().clone()
         centre_step = self.grid.tables().steps[:, 0]
         if self.axis is None:
@@ -169,6 +189,7 @@ class PiecewiseQuantizer(Quantizer):
                 "signed": self.signed,
                 "range_max": self.range_max.tolist(),
                 "breakpoints": self.breakpoints.tolist(),
+                "floor": self.floor.tolist(),
                 "piece_scales": tables.steps.tolist(),
                 "piece_offsets": tables.offsets.tolist(),
                 "correction_shift": self.correction_shift.tolist(),
@@ -185,6 +206,7 @@ class PiecewiseQuantizer(Quantizer):
             shift = torch.tensor(encoding.get("correction_shift", []), dtype=torch.float32)
             gain = torch.tensor(encoding.get("correction_gain", []), dtype=torch.float32)
             signed = bool(encoding.get("signed", True))
+            floor = torch.tensor(encoding.get("floor", [0.0]), dtype=torch.float32).reshape(-1)
         except (AssertionError, KeyError, TypeError, ValueError) as error:
             raise EncodingsError(
                 f"PWLQ encoding of '{self.name}' is missing or malformed ({error}); quantize again"
@@ -203,8 +225,12 @@ class PiecewiseQuantizer(Quantizer):
                 f"{expected}; it belongs to another model or config, quantize again"
             )
         self.signed = signed
+        if floor.numel() == 1:  # saved before floors: one-sided grids started at 0
+            floor = floor.expand(range_max.shape)
         self.set_piecewise(
-            PiecewiseGrid(range_max, breakpoints, self.spec.bits, self.settings.form, signed),
+            PiecewiseGrid(
+                range_max, breakpoints, self.spec.bits, self.settings.form, signed, floor
+            ),
             shift,
             gain,
         )

@@ -345,6 +345,43 @@ def test_joint_activation_search_with_two_breakpoints() -> None:
     assert errors[1] < errors[0]
 
 
+@pytest.mark.parametrize("count", [1, 2])
+@pytest.mark.parametrize("form", FORMS)
+def test_floored_grid_uses_every_level_of_hardswish_data(form: str, count: int) -> None:
+    """After hardswish (least value -0.375) the signed grid on [-m, m] wastes its negative
+    tail and half its centre; the one-sided grid on [f, m] keeps 2^b levels per piece: a third
+    of the squared error here, zero exact, nothing below the floor, f within one step of the
+    data's least value."""
+    values = torch.nn.functional.hardswish(2 * gaussian(50_000, seed=5)).float()
+    counts, lo, hi = histogram_of(values)
+    signed = pwl.joint_histogram_search(counts, lo, hi, 4, form, True, count)
+    floored = pwl.floored_histogram_search(counts, lo, hi, 4, form, count)
+    assert not floored.signed and floored.floor is not None
+    errors = [pwl.histogram_error(g, counts, lo, hi) for g in (signed, floored)]
+    assert float(errors[1]) < 0.5 * float(errors[0])
+    quantized = floored.quantize_rows(values)
+    assert float(floored.quantize_rows(torch.zeros(1, 3)).abs().max()) == 0.0
+    floor = float(floored.floor[0])
+    centre_step = float(floored.tables().steps[0, 0])
+    assert abs(floor - float(lo[0])) <= centre_step / 2 + 1e-6
+    assert float(quantized.min()) == pytest.approx(floor)
+    levels = len(torch.unique(quantized))
+    assert levels <= 2**4 * (count + 1)
+    if form != "overlapping":  # (overlapping pieces share levels by design)
+        assert levels > 2**4 * (count + 1) * 0.75  # most levels used
+
+
+def test_floor_zero_is_the_one_sided_grid() -> None:
+    """A floor of 0 (or none) is the post-ReLU grid, bit for bit."""
+    values = gaussian(10_000, seed=6).float().clamp(min=0)
+    grid = pwl.PiecewiseGrid(torch.tensor([3.0]), torch.tensor([[1.0]]), 4, signed=False)
+    floored = pwl.PiecewiseGrid(
+        grid.range_max, grid.breakpoints, 4, signed=False, floor=torch.zeros(1)
+    )
+    assert torch.equal(grid.quantize_rows(values), floored.quantize_rows(values))
+    assert float(grid.quantize_rows(-values).abs().max()) == 0.0
+
+
 @pytest.mark.parametrize("search", ["auto", "approx", "bisection", "grid"])
 def test_channels_are_independent(search: str) -> None:
     """Per channel, vectorized: each row gets what it would get alone."""

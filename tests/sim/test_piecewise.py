@@ -119,6 +119,51 @@ def test_activations_get_one_sided_or_signed_grids(pwlq_w4a4: QuantizedModel) ->
         assert quantizer.breakpoints.shape == (1, 2)
 
 
+class HardswishNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(nn.functional.hardswish(2 * self.conv(x)))
+
+
+def test_hardswish_activations_get_a_floored_grid(data: list) -> None:
+    """With the joint search (auto), the hardswish output's grid is one-sided on [f, m] with
+    f near -0.375 (zero exact, the symmetric network input stays signed); it beats the signed
+    grid on that tensor; its floor survives a JSON round trip, and an encoding saved before
+    floors existed loads as the one-sided grid from 0."""
+    torch.manual_seed(0)
+    model = HardswishNet().eval()
+    config = QuantConfig(
+        weight_bits=8, activation_bits=4, weight_quantizer="pwlq", activation_quantizer="pwlq"
+    )
+    quantized = quantize(model, data, config)
+    inputs = {q.name: q for q in quantized.select(kind="activation")}
+    floored = [q for q in inputs.values() if not q.signed and float(q.floor.min()) < 0]
+    assert len(floored) == 1 and any(q.signed for q in inputs.values())
+    quantizer = floored[0]
+    assert -0.376 - float(quantizer.scale) <= float(quantizer.floor[0]) < -0.3
+    assert float(quantizer(torch.zeros(4)).abs().max()) == 0.0
+    with torch.no_grad():
+        hidden = nn.functional.hardswish(2 * model.conv(torch.cat([d[0] for d in data])))
+    rows = hidden.reshape(1, -1)
+    lo, hi = rows.amin(dim=1), rows.amax(dim=1)
+    counts = torch.histc(rows, 2048, float(lo), float(hi))[None].double()
+    signed_grid = pwl.joint_histogram_search(counts, lo, hi, 4, signed=True)
+    own_error = (quantizer.grid.quantize_rows(rows) - rows).square().mean()
+    assert own_error < 0.7 * (signed_grid.quantize_rows(rows) - rows).square().mean()
+    encodings = json.loads(json.dumps(quantized.encodings()))
+    rebuilt = prepare(model, data[0], config)
+    rebuilt.load_encodings(encodings)
+    assert torch.equal(run(rebuilt, data), run(quantized, data))
+    del encodings[quantizer.name]["piecewise"]["floor"]
+    rebuilt.load_encodings(encodings)
+    assert float(rebuilt.quantizer(quantizer.name).floor.abs().max()) == 0.0
+    assert float(rebuilt.quantizer(quantizer.name)(torch.tensor([-0.3])).abs()) == 0.0
+
+
 def test_encodings_round_trip_through_json(
     model: nn.Module, data: list, pwlq_w4a4: QuantizedModel
 ) -> None:
