@@ -96,7 +96,7 @@ def qpp_rows(
             handle.detach()
             estimators = {
                 "dynamic": handle.dynamic_estimator_label,
-                "predicted": f"targets {handle.target_estimator}",
+                "predicted": f"targets {handle.target_label}",
             }
             modes = comparison.rows["modes"]
             values = {mode: row["metrics"][primary] for mode, row in modes.items()}

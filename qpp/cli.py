@@ -188,8 +188,9 @@ def quantize(
         str,
         typer.Option(
             help="per-input range: auto (the candidate closest to FP32 on calibration data), "
-            "per-layer (auto, then each layer's own candidate by the same test; slower: "
-            "3 runs of a calibration batch from each layer on), minmax, percentile[:P], mse[:p]"
+            "per-layer (auto, then each layer's own candidate by the same test, and with "
+            "predicted ranges each layer's predictor fit chosen the same way; slower: runs of "
+            "calibration batches from each layer on), minmax, percentile[:P], mse[:p]"
         ),
     ] = "auto",
     predictor_features: Annotated[

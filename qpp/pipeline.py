@@ -175,7 +175,7 @@ def compare_modes(
     target = activation_qps.settings.outlier_fraction
     comparison = ModeComparison({"model_flops": flops, "modes": {}}, {}, {})
     if activation_qps.target_estimator is not None:
-        comparison.exact_label = f"exact QP ({activation_qps.target_estimator}, per input)"
+        comparison.exact_label = f"exact QP ({activation_qps.target_label}, per input)"
     for mode in ("static", "predicted", "dynamic"):
         activation_qps.set_mode(mode)
         with activation_qps.pairing_qps() as pairs:
@@ -288,16 +288,22 @@ def _quantize(
             "static_output_error": activation_qps.static_output_error,
         }
         if activation_qps.layer_estimators and activation_qps.per_layer_errors:
-            before, after = activation_qps.per_layer_errors
-            extra["dynamic_estimator"]["per_layer"] = {
-                "label": activation_qps.dynamic_estimator_label,
-                "output_error_before": before,
-                "output_error_after": after,
-                "estimators": activation_qps.layer_estimators,
-            }
+            extra["dynamic_estimator"]["per_layer"] = _layer_choice(
+                activation_qps.dynamic_estimator_label,
+                activation_qps.per_layer_errors,
+                "estimators",
+                activation_qps.layer_estimators,
+            )
         if activation_qps.target_errors:
             extra["dynamic_estimator"]["predictor_targets"] = activation_qps.target_estimator
             extra["dynamic_estimator"]["predicted_output_error"] = activation_qps.target_errors
+        if activation_qps.layer_targets and activation_qps.layer_target_errors:
+            extra["dynamic_estimator"]["per_layer_targets"] = _layer_choice(
+                activation_qps.target_label,
+                activation_qps.layer_target_errors,
+                "targets",
+                activation_qps.layer_targets,
+            )
     if activation_qps is not None and activation_qps.fit_r_squared:
         r2 = list(activation_qps.fit_r_squared.values())
         extra["predictor_r_squared"] = {"min": min(r2), "median": sorted(r2)[len(r2) // 2]}
@@ -362,3 +368,12 @@ def eval_job(folder: Path, show_progress: bool = True) -> tuple[JobResult, dict[
         primary_metric=entry.primary_metric,
     )
     return result, record.report
+
+
+def _layer_choice(
+    label: str | None, errors: tuple[float, float], key: str, choice: dict[str, str]
+) -> dict[str, Any]:
+    """A layer-by-layer choice for the JSON report: its label, the output error before and
+    after it, and each layer's pick under ``key``."""
+    before, after = errors
+    return {"label": label, "output_error_before": before, "output_error_after": after, key: choice}

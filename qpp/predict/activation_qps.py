@@ -51,6 +51,7 @@ from qpp.predict.qps import (
     parse_mode,
     parse_scheme,
 )
+from qpp.predict.target_choice import refine_targets_per_layer
 from qpp.quant.dense_sparse import (
     check_outlier_fraction,
     dense_sparse_floor,
@@ -205,6 +206,12 @@ class ActivationQPs:
     #: The relative output error before and after the per-layer refinement, on the batches
     #: it ran on (None without it).
     per_layer_errors: tuple[float, float] | None = None
+    #: ``estimator="per-layer"``, predicted: the per-input estimator whose fit predicts each
+    #: uniform layer's ranges, chosen layer by layer in predicted mode
+    #: (``qpp.predict.target_choice``); empty otherwise.
+    layer_targets: dict[str, str] = field(default_factory=dict)
+    #: The relative output error before and after that choice, on the batches it ran on.
+    layer_target_errors: tuple[float, float] | None = None
     _hooks: list[Any] = field(default_factory=list)
 
     # --- estimators -------------------------------------------------------------------------
@@ -216,9 +223,22 @@ class ActivationQPs:
             return self.settings.estimator
         return f"{PER_LAYER_ESTIMATOR} ({_estimator_counts(self.layer_estimators)})"
 
+    @property
+    def target_label(self) -> str | None:
+        """What the predictors were fitted to: one estimator, ``per-layer``, or after the
+        layer-by-layer choice of fits ``per-layer (percentile:99.9 80, mse 13)``."""
+        if not self.layer_targets:
+            return self.target_estimator
+        return f"{PER_LAYER_ESTIMATOR} ({_estimator_counts(self.layer_targets)})"
+
     def target_assignment(self) -> dict[str, str]:
         """The per-input estimator whose QPs each uniform layer's predictor was fitted to."""
         uniform = [n for n, s in self.samplers.items() if s.scheme is Scheme.UNIFORM]
+        if self.layer_targets:
+            return {
+                name: self.layer_targets.get(name, self.samplers[name].estimator)
+                for name in uniform
+            }
         if self.target_estimator == PER_LAYER_ESTIMATOR:
             return {name: self.layer_estimators[name] for name in uniform}
         if self.target_estimator is None:
@@ -338,6 +358,8 @@ class ActivationQPs:
             }
             if name in self.layer_estimators:
                 layers[name]["estimator"] = self.layer_estimators[name]
+            if name in self.layer_targets:
+                layers[name]["target"] = self.layer_targets[name]
             if sampler.static_threshold is not None:
                 tensors[f"threshold.{index}"] = sampler.static_threshold.reshape(1).contiguous()
                 layers[name]["threshold"] = f"threshold.{index}"
@@ -356,6 +378,7 @@ class ActivationQPs:
             "target_estimator": self.target_estimator,
             "target_errors": self.target_errors,
             "per_layer_errors": self.per_layer_errors,
+            "layer_target_errors": self.layer_target_errors,
         }
         (folder / STATE_FILES[0]).write_text(json.dumps(settings, indent=1))
         save_file(tensors, str(folder / STATE_FILES[1]))
@@ -707,6 +730,44 @@ def _fit_to_best_targets(
     handle.target_estimator = best
     handle._install_predictors()
     handle.set_mode(QPMode.PREDICTED.value)
+    if handle.layer_estimators:
+        _refine_targets(handle, fitted, candidates, best, batches, reference, show_progress)
+
+
+def _refine_targets(
+    handle: ActivationQPs,
+    fitted: dict[str, _FittedState],
+    candidates: dict[str, dict[str, str]],
+    best: str,
+    batches: Sequence[Batch],
+    reference: list[list[torch.Tensor]],
+    show_progress: bool,
+) -> None:
+    """``per-layer``: give each uniform layer the columns of whichever fit lowers the
+    predicted-mode output error (``qpp.predict.target_choice``), starting from ``best``'s
+    fit, installed; the layers' offsets and R^2 follow their columns."""
+    alternatives = {name: state.predictors for name, state in fitted.items() if name != best}
+    choice = refine_targets_per_layer(
+        handle.model,
+        handle.samplers,
+        handle.predictors,
+        alternatives,
+        best,
+        batches,
+        reference,
+        show_progress,
+    )
+    handle.layer_targets = {name: candidates[fit][name] for name, fit in choice.fits.items()}
+    handle.layer_target_errors = (choice.start_error, choice.error)
+    for name, fit in choice.fits.items():
+        if fit == best:
+            continue
+        if name in fitted[fit].qp_offsets:
+            handle.qp_offsets[name] = fitted[fit].qp_offsets[name]
+        for key, value in fitted[fit].fit_r_squared.items():
+            if key.rsplit(":", 1)[0] == name:
+                handle.fit_r_squared[key] = value
+    handle.target_estimator = PER_LAYER_ESTIMATOR
 
 
 def _target_candidates(handle: ActivationQPs) -> dict[str, dict[str, str]]:
@@ -719,8 +780,10 @@ def _target_candidates(handle: ActivationQPs) -> dict[str, dict[str, str]]:
     if set(per_layer.values()) - {handle.settings.estimator}:  # differs from the single choice
         candidates[PER_LAYER_ESTIMATOR] = per_layer
     errors = handle.estimator_errors
+    # per-layer fits every estimator: the layer-by-layer choice of targets picks among them.
+    limit = len(errors) + 1 if handle.layer_estimators else TARGET_CANDIDATES
     for name in sorted(errors, key=errors.__getitem__):  # stable on ties
-        if len(candidates) == TARGET_CANDIDATES:
+        if len(candidates) == limit:
             break
         candidates[name] = dict.fromkeys(uniform, name)
     return candidates
@@ -901,17 +964,27 @@ def _restore_layer_estimators(handle: ActivationQPs, saved: dict[str, Any] | Non
             for name, layer in saved["layers"].items()
             if "estimator" in layer and name in handle.samplers
         }
-        for estimator in chosen.values():
+        targets = {
+            name: layer["target"]
+            for name, layer in saved["layers"].items()
+            if "target" in layer and name in handle.samplers
+        }
+        for estimator in [*chosen.values(), *targets.values()]:
             if estimator in CHOSEN_ESTIMATORS:
                 raise ValueError(f"layer estimator '{estimator}' is not a per-input estimator")
             check_dynamic_estimator(estimator)
         errors = saved.get("per_layer_errors")
         handle.per_layer_errors = None if errors is None else (float(errors[0]), float(errors[1]))
+        errors = saved.get("layer_target_errors")
+        handle.layer_target_errors = (
+            None if errors is None else (float(errors[0]), float(errors[1]))
+        )
     except (KeyError, AttributeError, TypeError, ValueError, IndexError, ConfigError) as error:
         raise EncodingsError(f"activation QP state is corrupt ({error}); quantize again") from None
     for name, estimator in chosen.items():
         handle.samplers[name].estimator = estimator
     handle.layer_estimators = chosen
+    handle.layer_targets = targets
 
 
 def _saved_schemes(saved: dict[str, Any] | None) -> dict[str, Scheme] | None:

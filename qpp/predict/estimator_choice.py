@@ -15,7 +15,7 @@ network's output error rather than each tensor's own error), applied to per-inpu
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -197,7 +197,7 @@ def refine_per_layer(
                 if candidate == kept:
                     continue
                 sampler.estimator = candidate
-                error = _suffix_error(segments, crossing, cut, expected)
+                error = suffix_error(segments, crossing, cut, expected)
                 if error < best * (1.0 - PER_LAYER_MIN_GAIN):
                     best, kept = error, candidate
             sampler.estimator = kept
@@ -211,13 +211,20 @@ def refine_per_layer(
     return LayerChoice(estimators, round(start, 6), round(best, 6))
 
 
-def _suffix_error(
+def suffix_error(
     segments: Segments,
     crossing: Sequence[CutValues],
     cut: int,
     reference: Sequence[list[torch.Tensor]],
+    before: Callable[[int], None] | None = None,
 ) -> float:
     """``relative_output_error`` of the batches whose values crossing ``cut`` are ``crossing``,
-    running only the graph from ``cut`` on."""
-    outputs = (_float_leaves(segments.outputs(values, cut)) for values in crossing)
-    return _relative_error(outputs, reference)
+    running only the graph from ``cut`` on; ``before(i)`` runs before batch ``i``'s run."""
+
+    def outputs() -> Iterator[list[torch.Tensor]]:
+        for index, values in enumerate(crossing):
+            if before is not None:
+                before(index)
+            yield _float_leaves(segments.outputs(values, cut))
+
+    return _relative_error(outputs(), reference)

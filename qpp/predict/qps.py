@@ -66,7 +66,9 @@ def parse_scheme(scheme: str) -> Scheme:
 #: (white paper §3.1: min-max ranges suffice at 8 bits, lower bit-widths need clipping).
 AUTO_ESTIMATOR = "auto"
 #: ``per-layer``: ``auto``'s choice, then each layer's own estimator, chosen layer by layer on
-#: the model's output error (``qpp.predict.estimator_choice.refine_per_layer``).
+#: the model's output error (``qpp.predict.estimator_choice.refine_per_layer``); predicted
+#: ranges then take, layer by layer, the predictor fit with the least predicted-mode output
+#: error (``qpp.predict.target_choice``).
 PER_LAYER_ESTIMATOR = "per-layer"
 #: The estimator settings that are chosen on calibration data.
 CHOSEN_ESTIMATORS = (AUTO_ESTIMATOR, PER_LAYER_ESTIMATOR)

@@ -102,6 +102,13 @@ def print_estimator_choice(result: dict[str, Any], console: Console) -> None:
                 f"predictor targets: {choice['predictor_targets']} (relative output error of "
                 f"predicted QPs fitted to each candidate's ranges: {listed})"
             )
+        layer_targets = choice.get("per_layer_targets")
+        if layer_targets:
+            console.print(
+                f"then predicted ranges per layer: {layer_targets['label']} (relative output "
+                f"error on the first calibration batch {layer_targets['output_error_before']:.4g}"
+                f" -> {layer_targets['output_error_after']:.4g})"
+            )
         chosen_error = choice["calibration_output_error"][choice["chosen"]]
         if static is not None and static <= chosen_error and not per_layer:
             console.print(

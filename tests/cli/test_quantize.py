@@ -291,21 +291,32 @@ def test_uniform_predictors_read_signed_features_by_default(
     assert all(p["features"] == list(SIGNED_FEATURES) for p in saved["predictors"])
 
 
-def test_per_layer_dynamic_ranges_are_reported_and_reproduced(
-    qpp, user_classifier, tmp_path: Path
+@pytest.mark.parametrize("mode", ["dynamic", "predicted"])
+def test_per_layer_ranges_are_reported_and_reproduced(
+    qpp, user_classifier, tmp_path: Path, mode: str
 ) -> None:
     run = tmp_path / "per-layer-run"
     result = qpp(
         "quantize", *user_classifier.args(), "--activations", "4", "--activation-ranges",
-        "dynamic", "--dynamic-estimator", "per-layer", "--json", "--out", run,
+        mode, "--dynamic-estimator", "per-layer", "--json", "--out", run,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    per_layer = json.loads(result.stdout)["dynamic_estimator"]["per_layer"]
+    choice = json.loads(result.stdout)["dynamic_estimator"]
+    per_layer = choice["per_layer"]
     assert per_layer["output_error_after"] <= per_layer["output_error_before"]
     saved = json.loads((run / "activation_qps.json").read_text())
     assert {n: layer["estimator"] for n, layer in saved["layers"].items()} == (
         per_layer["estimators"]
     )
+    if mode == "predicted":  # the fits' columns were chosen layer by layer too
+        targets = choice["per_layer_targets"]
+        assert targets["output_error_after"] <= targets["output_error_before"]
+        assert targets["label"].startswith("per-layer (")
+        assert {n: layer["target"] for n, layer in saved["layers"].items()} == (
+            targets["targets"]
+        )
+    else:
+        assert "per_layer_targets" not in choice
     evaluated = qpp("eval", run, "--json")
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads(evaluated.stdout)["reproduced"] is True

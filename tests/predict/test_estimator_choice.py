@@ -322,10 +322,16 @@ def test_per_layer_is_no_worse_than_auto_and_is_saved_and_reloaded(tmp_path: Pat
     assert after <= before
     assert set(handle.layer_estimators) == set(handle.samplers)
     assert handle.dynamic_estimator_label.startswith("per-layer (")
-    # The predictors were fitted to the per-layer choice and the best single estimator.
-    assert len(handle.target_errors) == TARGET_CANDIDATES
-    assert "per-layer" in handle.target_errors
-    assert handle.target_estimator == min(handle.target_errors, key=handle.target_errors.get)
+    # The predictors were fitted to the per-layer choice and to every single estimator, and
+    # each layer took the columns of the fit that lowers the predicted-mode error.
+    assert set(handle.target_errors) == {"per-layer", *CANDIDATE_ESTIMATORS}
+    assert handle.target_estimator == "per-layer"
+    assert set(handle.layer_targets) == set(handle.samplers)
+    assert set(handle.layer_targets.values()) <= set(CANDIDATE_ESTIMATORS)
+    assert handle.target_assignment() == handle.layer_targets
+    assert handle.layer_target_errors is not None
+    start, refined = handle.layer_target_errors
+    assert refined <= start
     # Dynamic mode runs the per-layer estimators.
     assert {n: s.estimator for n, s in handle.samplers.items()} == handle.layer_estimators
     handle.save(tmp_path)
@@ -333,10 +339,13 @@ def test_per_layer_is_no_worse_than_auto_and_is_saved_and_reloaded(tmp_path: Pat
     assert {n: layer["estimator"] for n, layer in state["layers"].items()} == (
         handle.layer_estimators
     )
+    assert {n: layer["target"] for n, layer in state["layers"].items()} == handle.layer_targets
     loaded = _reload_reproduces(net, model, handle, tmp_path, settings)
     assert loaded.layer_estimators == handle.layer_estimators
     assert loaded.per_layer_errors == handle.per_layer_errors
     assert loaded.target_estimator == handle.target_estimator
+    assert loaded.layer_targets == handle.layer_targets
+    assert loaded.layer_target_errors == handle.layer_target_errors
 
 
 def test_a_saved_per_layer_estimator_that_cannot_run_is_refused(tmp_path: Path) -> None:
@@ -369,3 +378,23 @@ def test_the_report_names_the_per_layer_choice() -> None:
     )
     assert "then per layer: per-layer (mse 3, minmax 1)" in text and "0.31 -> 0.12" in text
     assert "per-input QPs may not pay" not in text  # the single choice's note is superseded
+
+
+def test_the_report_names_the_per_layer_predictor_targets() -> None:
+    text = _report_text(
+        {
+            "chosen": "mse",
+            "calibration_output_error": {"minmax": 0.9, "mse": 0.3},
+            "static_output_error": 0.2,
+            "predictor_targets": "per-layer",
+            "predicted_output_error": {"per-layer": 0.5, "mse": 0.4},
+            "per_layer_targets": {
+                "label": "per-layer (percentile:99.9 3, mse 1)",
+                "output_error_before": 0.41,
+                "output_error_after": 0.22,
+                "targets": {},
+            },
+        }
+    )
+    assert "then predicted ranges per layer: per-layer (percentile:99.9 3, mse 1)" in text
+    assert "0.41 -> 0.22" in text

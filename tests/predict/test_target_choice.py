@@ -1,0 +1,136 @@
+"""Predicted ranges chosen layer by layer among fits (``qpp.predict.target_choice``)."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from qpp.api import quantize
+from qpp.errors import ConfigError
+from qpp.predict import ActivationQPSettings, configure_activation_qps
+from qpp.predict.estimator_choice import quantization_off, relative_output_error
+from qpp.predict.predictor import LinearQPPredictor
+from qpp.predict.target_choice import (
+    TARGET_SWEEP_BATCHES,
+    columns_in_basis,
+    refine_targets_per_layer,
+)
+from qpp.sim.config import QuantConfig
+
+
+def test_columns_move_between_fits_exactly() -> None:
+    """A fit's columns, rewritten for another fit's feature standardization, predict what they
+    predicted in their own fit, on features neither was fitted to."""
+    generator = torch.Generator().manual_seed(0)
+    names = ("mean", "max", "q0.99")
+    targets = [("a", "lo"), ("a", "hi"), ("b", "hi")]
+    fits = []
+    for shift in (0.0, 3.0):
+        features = torch.randn(64, 3, generator=generator) * (1.0 + shift) + shift
+        log_qps = features @ torch.randn(3, 3, generator=generator) + shift
+        fits.append(LinearQPPredictor.fit("src", names, targets, features, log_qps))
+    base, other = fits
+    features = torch.randn(16, 3, generator=generator) * 2.0
+    moved = copy.deepcopy(base)
+    moved.weight[:, [2, 0]] = columns_in_basis(base, other, [2, 0])
+    expected = other.predict_log(features)[:, [2, 0]]
+    torch.testing.assert_close(moved.predict_log(features)[:, [2, 0]], expected)
+    # The column left alone still predicts what the base fit does.
+    torch.testing.assert_close(moved.predict_log(features)[:, 1], base.predict_log(features)[:, 1])
+    elsewhere = copy.deepcopy(other)
+    elsewhere.source = "another"
+    with pytest.raises(ConfigError, match="same sources"):
+        columns_in_basis(base, elsewhere, [0])
+
+
+class Deep(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(64, 64) for _ in range(4))
+        self.head = nn.Linear(64, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return self.head(x)
+
+
+def _batches(count: int, seed: int) -> list[tuple[torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    # Inputs of very different scales, so that per-input ranges matter.
+    return [
+        (torch.randn(16, 64, generator=generator) * torch.rand(16, 1, generator=generator) * 4,)
+        for _ in range(count)
+    ]
+
+
+def _predicted(source_count: int | None = None) -> tuple[object, object, list, list]:
+    torch.manual_seed(0)
+    net = Deep().eval()
+    batches = _batches(4, 0)
+    model = quantize(net, batches, QuantConfig(activation_bits=4))
+    settings = ActivationQPSettings(
+        mode="predicted", estimator="percentile:99.9", source_count=source_count
+    )
+    handle = configure_activation_qps(model, batches, settings)
+    with quantization_off(model), torch.no_grad():  # type: ignore[arg-type]
+        reference = [[model(*b)] for b in batches]  # type: ignore[operator]
+    return model, handle, batches, reference
+
+
+@pytest.mark.parametrize("source_count", [1, 5])
+def test_the_sweep_gives_a_layer_the_fit_that_predicts_it_well(source_count: int) -> None:
+    """One layer's columns are spoiled (its ranges predicted 8 times too wide): the sweep takes
+    that layer's columns from the intact fit, leaves every other layer on the base fit, and
+    the error it reports is what a full run of the result gives. With one source, the
+    predictor runs before the cut of every layer it predicts, so a try rewrites the layer's
+    recorded QPs; with a source per layer, the layer's own predictor runs in the try."""
+    model, handle, batches, reference = _predicted(source_count)
+    assert len(handle.predictors) == source_count  # type: ignore[attr-defined]
+    assert len(handle.samplers) == 5  # type: ignore[attr-defined]
+    intact = copy.deepcopy(handle.predictors)  # type: ignore[attr-defined]
+    layers = sorted({n for p in intact for n, _ in p.targets}, key=list(handle.samplers).index)  # type: ignore[attr-defined]
+    assert len(layers) >= 4
+    spoiled = layers[len(layers) // 2]
+    for predictor in handle.predictors:  # type: ignore[attr-defined]
+        for column, (name, _) in enumerate(predictor.targets):
+            if name == spoiled:
+                predictor.weight[0, column] += math.log(8.0)
+    used = batches[:TARGET_SWEEP_BATCHES]
+    spoiled_error = relative_output_error(model, used, reference[: len(used)])  # type: ignore[arg-type]
+    choice = refine_targets_per_layer(
+        model,  # type: ignore[arg-type]
+        handle.samplers,  # type: ignore[attr-defined]
+        handle.predictors,  # type: ignore[attr-defined]
+        {"intact": intact},
+        "spoiled",
+        batches,
+        reference,
+    )
+    assert choice.fits[spoiled] == "intact"
+    assert all(fit == "spoiled" for name, fit in choice.fits.items() if name != spoiled)
+    assert choice.start_error == pytest.approx(spoiled_error, abs=1e-6)
+    assert choice.error < 0.8 * choice.start_error
+    assert relative_output_error(model, used, reference[: len(used)]) == pytest.approx(  # type: ignore[arg-type]
+        choice.error, abs=1e-6
+    )
+
+
+def test_fits_with_other_sources_are_refused() -> None:
+    model, handle, batches, reference = _predicted()
+    other = copy.deepcopy(handle.predictors)  # type: ignore[attr-defined]
+    other.reverse()
+    if [p.source for p in other] == [p.source for p in handle.predictors]:  # type: ignore[attr-defined]
+        other = other[1:]
+    with pytest.raises(ConfigError, match="other predictor sources"):
+        refine_targets_per_layer(
+            model,  # type: ignore[arg-type]
+            handle.samplers,  # type: ignore[attr-defined]
+            handle.predictors,  # type: ignore[attr-defined]
+            {"other": other},
+            "base",
+            batches,
+            reference,
+        )
