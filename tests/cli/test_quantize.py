@@ -312,9 +312,8 @@ def test_per_layer_ranges_are_reported_and_reproduced(
         targets = choice["per_layer_targets"]
         assert targets["output_error_after"] <= targets["output_error_before"]
         assert targets["label"].startswith("per-layer (")
-        assert {n: layer["target"] for n, layer in saved["layers"].items()} == (
-            targets["targets"]
-        )
+        saved_targets = {n: layer["target"] for n, layer in saved["layers"].items()}
+        assert saved_targets == targets["targets"]
     else:
         assert "per_layer_targets" not in choice
     evaluated = qpp("eval", run, "--json")
