@@ -36,7 +36,6 @@ from qpp.predict.predictor import (
     check_feature_names,
     default_features,
     feature_flops,
-    round_log_ranges,
     sample_features,
 )
 from qpp.predict.qps import (
@@ -50,6 +49,7 @@ from qpp.predict.qps import (
     check_dynamic_estimator,
     parse_mode,
     parse_scheme,
+    predicted_slots,
 )
 from qpp.predict.target_choice import refine_targets_per_layer
 from qpp.quant.dense_sparse import (
@@ -327,11 +327,8 @@ class ActivationQPs:
                 self.samplers[name].mode is QPMode.PREDICTED for name, _ in predictor.targets
             ):
                 return
-            features = predictor.features(args[0])
-            log_qps = predictor.predict_log(features, self.settings.threshold_margin)
-            ranges = torch.tensor([kind != "threshold" for _, kind in predictor.targets])
-            log_qps = torch.where(ranges, round_log_ranges(log_qps), log_qps)
-            assign_predictions(self.samplers, predictor.targets, torch.exp(log_qps).float())
+            qps = predictor.predict_qps(predictor.features(args[0]), self.settings.threshold_margin)
+            assign_predictions(self.samplers, predictor.targets, qps)
 
         return hook
 
@@ -388,19 +385,7 @@ def assign_predictions(
     samplers: dict[str, SampleQuantizer], targets: list[tuple[str, str]], qps: torch.Tensor
 ) -> None:
     """Write predicted QPs ``[N, T]`` (linear scale) into each target's ``predicted`` slot."""
-    slots: dict[str, SampleQPs] = {}
-    for column, (name, kind) in enumerate(targets):
-        slot = slots.setdefault(name, SampleQPs())
-        value = qps[:, column]
-        if kind == "lo":
-            slot.lo = -value
-        elif kind == "hi":
-            slot.hi = value
-        else:
-            slot.threshold = value
-    for name, slot in slots.items():
-        if slot.hi is not None and slot.lo is None:
-            slot.lo = torch.zeros_like(slot.hi)  # a non-negative tensor: its range starts at 0
+    for name, slot in predicted_slots(targets, qps).items():
         samplers[name].predicted = slot
 
 
@@ -973,18 +958,19 @@ def _restore_layer_estimators(handle: ActivationQPs, saved: dict[str, Any] | Non
             if estimator in CHOSEN_ESTIMATORS:
                 raise ValueError(f"layer estimator '{estimator}' is not a per-input estimator")
             check_dynamic_estimator(estimator)
-        errors = saved.get("per_layer_errors")
-        handle.per_layer_errors = None if errors is None else (float(errors[0]), float(errors[1]))
-        errors = saved.get("layer_target_errors")
-        handle.layer_target_errors = (
-            None if errors is None else (float(errors[0]), float(errors[1]))
-        )
+        handle.per_layer_errors = _error_pair(saved.get("per_layer_errors"))
+        handle.layer_target_errors = _error_pair(saved.get("layer_target_errors"))
     except (KeyError, AttributeError, TypeError, ValueError, IndexError, ConfigError) as error:
         raise EncodingsError(f"activation QP state is corrupt ({error}); quantize again") from None
     for name, estimator in chosen.items():
         handle.samplers[name].estimator = estimator
     handle.layer_estimators = chosen
     handle.layer_targets = targets
+
+
+def _error_pair(saved: Any) -> tuple[float, float] | None:
+    """A saved ``[before, after]`` output-error pair (None where none was saved)."""
+    return None if saved is None else (float(saved[0]), float(saved[1]))
 
 
 def _saved_schemes(saved: dict[str, Any] | None) -> dict[str, Scheme] | None:

@@ -231,6 +231,14 @@ class LinearQPPredictor:
             predicted = predicted + threshold_margin * self.residual_std.double() * is_threshold
         return predicted
 
+    def predict_qps(self, features: torch.Tensor, threshold_margin: float = 0.0) -> torch.Tensor:
+        """``q̂`` per sample and target (float32) as the deployed model computes them: ranges
+        from log ranges on the ``LOG_RANGE_STEP`` grid, thresholds as predicted."""
+        log_qps = self.predict_log(features, threshold_margin)
+        ranges = torch.tensor([kind != "threshold" for _, kind in self.targets])
+        log_qps = torch.where(ranges, round_log_ranges(log_qps), log_qps)
+        return torch.exp(log_qps).float()
+
     def r_squared(self, features: torch.Tensor, log_qps: torch.Tensor) -> torch.Tensor:
         """Coefficient of determination per target column (1 = exact)."""
         residual = (log_qps - self.predict_log(features)).square().sum(dim=0)

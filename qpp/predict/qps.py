@@ -101,6 +101,26 @@ class SampleQPs:
     threshold: torch.Tensor | None = None
 
 
+def predicted_slots(targets: list[tuple[str, str]], qps: torch.Tensor) -> dict[str, SampleQPs]:
+    """Predicted QPs ``[N, T]`` (linear scale, one column per ``(name, kind)`` of ``targets``)
+    as each quantizer's ``SampleQPs``; a range without ``lo`` (a non-negative tensor) starts
+    at 0."""
+    slots: dict[str, SampleQPs] = {}
+    for column, (name, kind) in enumerate(targets):
+        slot = slots.setdefault(name, SampleQPs())
+        value = qps[:, column]
+        if kind == "lo":
+            slot.lo = -value
+        elif kind == "hi":
+            slot.hi = value
+        else:
+            slot.threshold = value
+    for slot in slots.values():
+        if slot.hi is not None and slot.lo is None:
+            slot.lo = torch.zeros_like(slot.hi)
+    return slots
+
+
 def sample_rows(x: torch.Tensor, name: str) -> torch.Tensor:
     """``x`` as ``[N, M]``, one row per sample (the batch dimension is dim 0)."""
     if x.ndim == 0:

@@ -36,8 +36,8 @@ from qpp.predict.estimator_choice import (
     relative_output_error,
     suffix_error,
 )
-from qpp.predict.predictor import LinearQPPredictor, round_log_ranges
-from qpp.predict.qps import QPMode, SampleQPs, SampleQuantizer, Scheme
+from qpp.predict.predictor import LinearQPPredictor
+from qpp.predict.qps import QPMode, SampleQPs, SampleQuantizer, Scheme, predicted_slots
 from qpp.report.progress import progress
 from qpp.sim.model import QuantizedModel
 
@@ -78,18 +78,6 @@ def columns_in_basis(
 
 def _columns(predictor: LinearQPPredictor, name: str) -> dict[str, int]:
     return {kind: index for index, (target, kind) in enumerate(predictor.targets) if target == name}
-
-
-def _slot(
-    predictor: LinearQPPredictor, columns: dict[str, int], features: torch.Tensor
-) -> SampleQPs:
-    """The QPs ``predictor`` writes for one layer (its ``columns``) from ``features``, as the
-    predictors' hook computes them (log ranges on the rounding grid)."""
-    log_qps = round_log_ranges(predictor.predict_log(features)[:, list(columns.values())])
-    values = dict(zip(columns, torch.exp(log_qps).float().unbind(dim=1), strict=True))
-    hi = values["hi"]
-    lo = -values["lo"] if "lo" in values else torch.zeros_like(hi)
-    return SampleQPs(lo=lo, hi=hi)
 
 
 def refine_targets_per_layer(
@@ -168,42 +156,39 @@ def refine_targets_per_layer(
         recording[0] = None
         return result
 
-    def error_from(crossing: list[CutValues], cut: int) -> float:
-        return suffix_error(segments, crossing, cut, expected, before=restore)
-
     try:
         first = cuts[in_graph_order[0]]
         crossing = advance(None, 0, first)
-        start = best = error_from(crossing, first)
+        start = best = suffix_error(segments, crossing, first, expected, before=restore)
         for position, name in enumerate(
             progress(in_graph_order, "choose predicted ranges per layer", show_progress)
         ):
             index, cut = owner[name], cuts[name]
             predictor = predictors[index]
-            columns = _columns(predictor, name)
-            kept_weight = predictor.weight[:, list(columns.values())].clone()
-            kept_slots = [dict(s) for s in slots]
+            columns = list(_columns(predictor, name).items())
+            positions = [column for _, column in columns]
+            kept_weight = predictor.weight[:, positions].clone()
+            kept_slots = [batch_slots.get(name) for batch_slots in slots]
             for fit, others in alternatives.items():
                 other = others[index]
                 other_columns = _columns(other, name)
-                if set(other_columns) != set(columns):
+                if set(other_columns) != {kind for kind, _ in columns}:
                     continue  # the fits disagree on the layer's sign; its columns differ
-                ordered = [other_columns[kind] for kind in columns]
-                trial = columns_in_basis(predictor, other, ordered)
-                predictor.weight[:, list(columns.values())] = trial
-                for batch_index in range(len(used)):
-                    if index in features[batch_index]:
-                        slots[batch_index][name] = _slot(
-                            predictor, columns, features[batch_index][index]
-                        )
-                error = error_from(crossing, cut)
+                ordered = [other_columns[kind] for kind, _ in columns]
+                predictor.weight[:, positions] = columns_in_basis(predictor, other, ordered)
+                for batch_slots, batch_features in zip(slots, features, strict=True):
+                    if index in batch_features:  # its source ran before the cut: rewrite
+                        qps = predictor.predict_qps(batch_features[index])
+                        batch_slots[name] = predicted_slots(predictor.targets, qps)[name]
+                error = suffix_error(segments, crossing, cut, expected, before=restore)
                 if error < best * (1.0 - PER_LAYER_MIN_GAIN):
                     best, chosen[name] = error, fit
-                    kept_weight = trial
-                    kept_slots = [dict(s) for s in slots]
-            predictor.weight[:, list(columns.values())] = kept_weight
-            for batch_index, kept in enumerate(kept_slots):
-                slots[batch_index] = kept
+                    kept_weight = predictor.weight[:, positions].clone()
+                    kept_slots = [batch_slots.get(name) for batch_slots in slots]
+            predictor.weight[:, positions] = kept_weight
+            for batch_slots, kept in zip(slots, kept_slots, strict=True):
+                if kept is not None:
+                    batch_slots[name] = kept
             if position + 1 < len(in_graph_order):
                 crossing = advance(crossing, cut, cuts[in_graph_order[position + 1]])
     finally:
