@@ -95,7 +95,8 @@ def qpp_rows(
             )
             handle.detach()
             estimators = {
-                "dynamic": handle.dynamic_estimator_label,
+                "dynamic": handle.dynamic_estimator_label
+                + (", the predictors' mix" if handle.dynamic_from_targets else ""),
                 "predicted": f"targets {handle.target_label}",
             }
             modes = comparison.rows["modes"]

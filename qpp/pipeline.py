@@ -304,6 +304,13 @@ def _quantize(
                 "targets",
                 activation_qps.layer_targets,
             )
+        if activation_qps.dynamic_mix_errors is not None:
+            chosen, targets = activation_qps.dynamic_mix_errors
+            extra["dynamic_estimator"]["dynamic_from_targets"] = {
+                "per_layer_choice_error": chosen,
+                "targets_error": targets,
+                "adopted": activation_qps.dynamic_from_targets,
+            }
     if activation_qps is not None and activation_qps.fit_r_squared:
         r2 = list(activation_qps.fit_r_squared.values())
         extra["predictor_r_squared"] = {"min": min(r2), "median": sorted(r2)[len(r2) // 2]}

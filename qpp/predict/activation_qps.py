@@ -26,7 +26,9 @@ from qpp.errors import ConfigError, EncodingsError
 from qpp.predict.cost import model_flops
 from qpp.predict.estimator_choice import (
     CHOICE_BATCHES,
+    PER_LAYER_MIN_GAIN,
     choose_dynamic_estimator,
+    mix_errors,
     refine_per_layer,
     relative_output_error,
 )
@@ -51,7 +53,7 @@ from qpp.predict.qps import (
     parse_scheme,
     predicted_slots,
 )
-from qpp.predict.target_choice import refine_targets_per_layer
+from qpp.predict.target_choice import TARGET_SWEEP_BATCHES, refine_targets_per_layer
 from qpp.quant.dense_sparse import (
     check_outlier_fraction,
     dense_sparse_floor,
@@ -212,6 +214,10 @@ class ActivationQPs:
     layer_targets: dict[str, str] = field(default_factory=dict)
     #: The relative output error before and after that choice, on the batches it ran on.
     layer_target_errors: tuple[float, float] | None = None
+    #: ``estimator="per-layer"``, predicted: the dynamic-mode output error of the per-layer
+    #: estimators and of ``layer_targets``' mix on the target sweep's batches; ``dynamic``
+    #: mode runs the mix when its error is lower (``_dynamic_from_targets``).
+    dynamic_mix_errors: tuple[float, float] | None = None
     _hooks: list[Any] = field(default_factory=list)
 
     # --- estimators -------------------------------------------------------------------------
@@ -230,6 +236,15 @@ class ActivationQPs:
         if not self.layer_targets:
             return self.target_estimator
         return f"{PER_LAYER_ESTIMATOR} ({_estimator_counts(self.layer_targets)})"
+
+    @property
+    def dynamic_from_targets(self) -> bool:
+        """Whether ``dynamic`` mode runs the predictors' estimator mix (``layer_targets``): its
+        exact ranges had the lower output error (``_dynamic_from_targets``)."""
+        if self.dynamic_mix_errors is None:
+            return False
+        chosen, targets = self.dynamic_mix_errors
+        return targets < chosen * (1.0 - PER_LAYER_MIN_GAIN)
 
     def target_assignment(self) -> dict[str, str]:
         """The per-input estimator whose QPs each uniform layer's predictor was fitted to."""
@@ -376,6 +391,7 @@ class ActivationQPs:
             "target_errors": self.target_errors,
             "per_layer_errors": self.per_layer_errors,
             "layer_target_errors": self.layer_target_errors,
+            "dynamic_mix_errors": self.dynamic_mix_errors,
         }
         (folder / STATE_FILES[0]).write_text(json.dumps(settings, indent=1))
         save_file(tensors, str(folder / STATE_FILES[1]))
@@ -717,6 +733,7 @@ def _fit_to_best_targets(
     handle.set_mode(QPMode.PREDICTED.value)
     if handle.layer_estimators:
         _refine_targets(handle, fitted, candidates, best, batches, reference, show_progress)
+        _dynamic_from_targets(handle, batches, reference)
 
 
 def _refine_targets(
@@ -753,6 +770,29 @@ def _refine_targets(
             if key.rsplit(":", 1)[0] == name:
                 handle.fit_r_squared[key] = value
     handle.target_estimator = PER_LAYER_ESTIMATOR
+
+
+def _dynamic_from_targets(
+    handle: ActivationQPs, batches: Sequence[Batch], reference: list[list[torch.Tensor]]
+) -> None:
+    """``per-layer``: give ``dynamic`` mode the estimator mix the predictors' columns came
+    from (``layer_targets``) when its exact per-input ranges lower the dynamic-mode output
+    error on the target sweep's ``TARGET_SWEEP_BATCHES`` batches by more than
+    ``PER_LAYER_MIN_GAIN``. The dynamic sweep chose each layer's estimator on
+    ``PER_LAYER_BATCHES`` batch(es); the target sweep, on more batches, can find a mix whose
+    exact ranges are better still (measured: ``docs/benchmarks.md``), and ``dynamic`` should
+    be the best per-input ranges found, not the first. Both errors are kept."""
+    if not handle.layer_targets:
+        return
+    uniform = {name: handle.samplers[name] for name in handle.layer_targets}
+    mixes = {"chosen": dict(handle.layer_estimators), "targets": dict(handle.layer_targets)}
+    used = batches[:TARGET_SWEEP_BATCHES]
+    errors = mix_errors(handle.model, uniform, mixes, used, reference)
+    handle.dynamic_mix_errors = (errors["chosen"], errors["targets"])
+    if handle.dynamic_from_targets:
+        for name, estimator in handle.layer_targets.items():
+            handle.samplers[name].estimator = estimator
+        handle.layer_estimators = {**handle.layer_estimators, **handle.layer_targets}
 
 
 def _target_candidates(handle: ActivationQPs) -> dict[str, dict[str, str]]:
@@ -960,6 +1000,7 @@ def _restore_layer_estimators(handle: ActivationQPs, saved: dict[str, Any] | Non
             check_dynamic_estimator(estimator)
         handle.per_layer_errors = _error_pair(saved.get("per_layer_errors"))
         handle.layer_target_errors = _error_pair(saved.get("layer_target_errors"))
+        handle.dynamic_mix_errors = _error_pair(saved.get("dynamic_mix_errors"))
     except (KeyError, AttributeError, TypeError, ValueError, IndexError, ConfigError) as error:
         raise EncodingsError(f"activation QP state is corrupt ({error}); quantize again") from None
     for name, estimator in chosen.items():

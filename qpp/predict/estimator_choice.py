@@ -211,6 +211,32 @@ def refine_per_layer(
     return LayerChoice(estimators, round(start, 6), round(best, 6))
 
 
+def mix_errors(
+    model: QuantizedModel,
+    samplers: Mapping[str, SampleQuantizer],
+    mixes: Mapping[str, Mapping[str, str]],
+    batches: Sequence[Batch],
+    reference: Sequence[list[torch.Tensor]],
+) -> dict[str, float]:
+    """The dynamic-mode relative output error of each per-layer estimator assignment in
+    ``mixes`` (by name; each maps sampler names to estimators) on ``batches`` (``reference``:
+    their float outputs). Leaves every sampler's mode and estimator as it found them."""
+    used = list(batches)
+    expected = list(reference[: len(used)])
+    saved = {name: (s.mode, s.estimator) for name, s in samplers.items()}
+    errors: dict[str, float] = {}
+    try:
+        for name, mix in mixes.items():
+            for layer, sampler in samplers.items():
+                sampler.mode = QPMode.DYNAMIC
+                sampler.estimator = mix.get(layer, saved[layer][1])
+            errors[name] = round(relative_output_error(model, used, expected), 6)
+    finally:
+        for layer, (mode, estimator) in saved.items():
+            samplers[layer].mode, samplers[layer].estimator = mode, estimator
+    return errors
+
+
 def suffix_error(
     segments: Segments,
     crossing: Sequence[CutValues],

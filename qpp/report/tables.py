@@ -106,8 +106,17 @@ def print_estimator_choice(result: dict[str, Any], console: Console) -> None:
         if layer_targets:
             console.print(
                 f"then predicted ranges per layer: {layer_targets['label']} (relative output "
-                f"error on the first calibration batch {layer_targets['output_error_before']:.4g}"
+                f"error on the calibration batches {layer_targets['output_error_before']:.4g}"
                 f" -> {layer_targets['output_error_after']:.4g})"
+            )
+        from_targets = choice.get("dynamic_from_targets")
+        if from_targets:
+            verdict = "take" if from_targets["adopted"] else "keep"
+            mix = "the predictors' mix" if from_targets["adopted"] else "their per-layer choice"
+            console.print(
+                f"dynamic ranges {verdict} {mix} (relative output error on the calibration "
+                f"batches: per-layer choice {from_targets['per_layer_choice_error']:.4g}, "
+                f"predictors' mix {from_targets['targets_error']:.4g})"
             )
         chosen_error = choice["calibration_output_error"][choice["chosen"]]
         if static is not None and static <= chosen_error and not per_layer:

@@ -314,8 +314,10 @@ def test_per_layer_ranges_are_reported_and_reproduced(
         assert targets["label"].startswith("per-layer (")
         saved_targets = {n: layer["target"] for n, layer in saved["layers"].items()}
         assert saved_targets == targets["targets"]
+        mix = choice["dynamic_from_targets"]  # dynamic mode runs the better of the two mixes
+        assert mix["adopted"] is (mix["targets_error"] < mix["per_layer_choice_error"] * 0.999)
     else:
-        assert "per_layer_targets" not in choice
+        assert "per_layer_targets" not in choice and "dynamic_from_targets" not in choice
     evaluated = qpp("eval", run, "--json")
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads(evaluated.stdout)["reproduced"] is True

@@ -13,7 +13,7 @@ from torch import nn
 from qpp.api import prepare, quantize
 from qpp.errors import EncodingsError
 from qpp.predict import ActivationQPSettings, configure_activation_qps, load_activation_qps
-from qpp.predict.activation_qps import TARGET_CANDIDATES
+from qpp.predict.activation_qps import TARGET_CANDIDATES, _dynamic_from_targets
 from qpp.predict.estimator_choice import (
     CANDIDATE_ESTIMATORS,
     CHOICE_BATCHES,
@@ -332,8 +332,19 @@ def test_per_layer_is_no_worse_than_auto_and_is_saved_and_reloaded(tmp_path: Pat
     assert handle.layer_target_errors is not None
     start, refined = handle.layer_target_errors
     assert refined <= start
-    # Dynamic mode runs the per-layer estimators.
+    # Dynamic mode runs the per-layer estimators: the sweep's, or the predictors' mix where
+    # its exact ranges had the lower output error on the target sweep's batches.
     assert {n: s.estimator for n, s in handle.samplers.items()} == handle.layer_estimators
+    assert handle.dynamic_mix_errors is not None
+    chosen_error, mix_error = handle.dynamic_mix_errors
+    if handle.dynamic_from_targets:
+        assert handle.layer_estimators == handle.layer_targets
+    handle.set_mode("dynamic")
+    dynamic_error = relative_output_error(model, batches, _reference(model, batches))
+    handle.set_mode("predicted")
+    assert dynamic_error == pytest.approx(
+        mix_error if handle.dynamic_from_targets else chosen_error, rel=1e-4
+    )
     handle.save(tmp_path)
     state = json.loads((tmp_path / "activation_qps.json").read_text())
     assert {n: layer["estimator"] for n, layer in state["layers"].items()} == (
@@ -346,6 +357,7 @@ def test_per_layer_is_no_worse_than_auto_and_is_saved_and_reloaded(tmp_path: Pat
     assert loaded.target_estimator == handle.target_estimator
     assert loaded.layer_targets == handle.layer_targets
     assert loaded.layer_target_errors == handle.layer_target_errors
+    assert loaded.dynamic_mix_errors == handle.dynamic_mix_errors
 
 
 def test_a_saved_per_layer_estimator_that_cannot_run_is_refused(tmp_path: Path) -> None:
@@ -398,3 +410,49 @@ def test_the_report_names_the_per_layer_predictor_targets() -> None:
     )
     assert "then predicted ranges per layer: per-layer (percentile:99.9 3, mse 1)" in text
     assert "0.41 -> 0.22" in text
+
+
+@pytest.mark.parametrize("targets_better", [True, False])
+def test_dynamic_takes_the_predictors_mix_only_where_it_is_better(targets_better: bool) -> None:
+    """``per-layer``, predicted: the estimator mix the predictors' columns came from replaces
+    the dynamic sweep's choice when its exact ranges lower the dynamic output error."""
+    _, model = _model()
+    batches = spiky_batches(4, 0)
+    settings = ActivationQPSettings(mode="predicted", estimator="minmax")
+    handle = configure_activation_qps(model, batches, settings)
+    clipped = {name: "minmax" for name in handle.samplers} | {"first.input": "percentile:99.9"}
+    minmax = dict.fromkeys(handle.samplers, "minmax")
+    good, bad = clipped, minmax
+    handle.layer_estimators, handle.layer_targets = (bad, good) if targets_better else (good, bad)
+    for name, estimator in handle.layer_estimators.items():
+        handle.samplers[name].estimator = estimator
+    reference = _reference(model, batches)
+    _dynamic_from_targets(handle, batches, reference)
+    assert handle.dynamic_mix_errors is not None
+    chosen_error, mix_error = handle.dynamic_mix_errors
+    assert (mix_error < chosen_error) is targets_better
+    assert handle.dynamic_from_targets is targets_better
+    assert handle.layer_estimators == good
+    assert {n: s.estimator for n, s in handle.samplers.items()} == good
+    # The comparison ran in dynamic mode and left the model in predicted mode.
+    assert {s.mode.value for s in handle.samplers.values()} == {"predicted"}
+    handle.set_mode("dynamic")
+    error = relative_output_error(model, batches, reference)
+    assert error == pytest.approx(min(chosen_error, mix_error), rel=1e-4)
+
+
+def test_the_report_says_whether_dynamic_took_the_predictors_mix() -> None:
+    choice = {
+        "chosen": "mse",
+        "calibration_output_error": {"mse": 0.2},
+        "static_output_error": 0.5,
+        "dynamic_from_targets": {
+            "per_layer_choice_error": 0.25,
+            "targets_error": 0.2,
+            "adopted": True,
+        },
+    }
+    text = _report_text(choice)
+    assert "dynamic ranges take the predictors' mix" in text and "0.25" in text
+    choice["dynamic_from_targets"]["adopted"] = False
+    assert "dynamic ranges keep their per-layer choice" in _report_text(choice)
