@@ -788,7 +788,7 @@ def _dynamic_from_targets(
     mixes = {"chosen": dict(handle.layer_estimators), "targets": dict(handle.layer_targets)}
     used = batches[:TARGET_SWEEP_BATCHES]
     errors = mix_errors(handle.model, uniform, mixes, used, reference)
-    handle.dynamic_mix_errors = (errors["chosen"], errors["targets"])
+    handle.dynamic_mix_errors = (round(errors["chosen"], 6), round(errors["targets"], 6))
     if handle.dynamic_from_targets:
         for name, estimator in handle.layer_targets.items():
             handle.samplers[name].estimator = estimator

@@ -115,19 +115,19 @@ def choose_dynamic_estimator(
     used = list(batches[:CHOICE_BATCHES])
     with quantization_off(model), torch.no_grad():
         reference = [_outputs(model, batch) for batch in used]
-    saved = [(s.mode, s.estimator) for s in uniform]
-    errors: dict[str, float] = {}
+    modes = [s.mode for s in uniform]
     try:
         for sampler in uniform:
             sampler.mode = QPMode.STATIC
         static_error = relative_output_error(model, used, reference)
-        for candidate in progress(list(candidates), "choose per-input ranges", show_progress):
-            for sampler in uniform:
-                sampler.mode, sampler.estimator = QPMode.DYNAMIC, candidate
-            errors[candidate] = relative_output_error(model, used, reference)
     finally:
-        for sampler, (mode, estimator) in zip(uniform, saved, strict=True):
-            sampler.mode, sampler.estimator = mode, estimator
+        for sampler, mode in zip(uniform, modes, strict=True):
+            sampler.mode = mode
+    named = {sampler.quantizer.name: sampler for sampler in uniform}
+    mixes = {candidate: dict.fromkeys(named, candidate) for candidate in candidates}
+    errors = mix_errors(
+        model, named, mixes, used, reference, show_progress, "choose per-input ranges"
+    )
     chosen = min(errors, key=lambda name: (errors[name], list(errors).index(name)))
     for sampler in uniform:
         sampler.estimator = chosen
@@ -217,20 +217,23 @@ def mix_errors(
     mixes: Mapping[str, Mapping[str, str]],
     batches: Sequence[Batch],
     reference: Sequence[list[torch.Tensor]],
+    show_progress: bool = False,
+    label: str = "compare per-input ranges",
 ) -> dict[str, float]:
     """The dynamic-mode relative output error of each per-layer estimator assignment in
     ``mixes`` (by name; each maps sampler names to estimators) on ``batches`` (``reference``:
-    their float outputs). Leaves every sampler's mode and estimator as it found them."""
+    their float outputs), unrounded. Leaves every sampler's mode and estimator as it found
+    them."""
     used = list(batches)
     expected = list(reference[: len(used)])
     saved = {name: (s.mode, s.estimator) for name, s in samplers.items()}
     errors: dict[str, float] = {}
     try:
-        for name, mix in mixes.items():
+        for name, mix in progress(list(mixes.items()), label, show_progress):
             for layer, sampler in samplers.items():
                 sampler.mode = QPMode.DYNAMIC
                 sampler.estimator = mix.get(layer, saved[layer][1])
-            errors[name] = round(relative_output_error(model, used, expected), 6)
+            errors[name] = relative_output_error(model, used, expected)
     finally:
         for layer, (mode, estimator) in saved.items():
             samplers[layer].mode, samplers[layer].estimator = mode, estimator
