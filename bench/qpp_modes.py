@@ -38,6 +38,7 @@ from docs_section import DOCS, write_section  # noqa: E402
 from qpp.api import calibrate, prepare, run  # noqa: E402
 from qpp.pipeline import compare_modes  # noqa: E402
 from qpp.predict import configure_activation_qps, settings_from_config  # noqa: E402
+from qpp.predict.activation_qps import CHOSEN_MIX, DYNAMIC_MIXES  # noqa: E402
 from qpp.sim.config import QuantConfig  # noqa: E402
 from qpp.zoo import entry_class  # noqa: E402
 
@@ -96,7 +97,11 @@ def qpp_rows(
             handle.detach()
             estimators = {
                 "dynamic": handle.dynamic_estimator_label
-                + (", the predictors' mix" if handle.dynamic_from_targets else ""),
+                + (
+                    ""
+                    if handle.dynamic_mix == CHOSEN_MIX
+                    else f", {DYNAMIC_MIXES[handle.dynamic_mix]}"
+                ),
                 "predicted": f"targets {handle.target_label}",
             }
             modes = comparison.rows["modes"]

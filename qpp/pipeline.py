@@ -17,7 +17,7 @@ from qpp.predict import (
     load_activation_qps,
     settings_from_config,
 )
-from qpp.predict.activation_qps import LayerDensity
+from qpp.predict.activation_qps import CHOSEN_MIX, DYNAMIC_MIXES, LayerDensity
 from qpp.predict.cost import model_flops
 from qpp.runs import (
     RunRecord,
@@ -304,12 +304,22 @@ def _quantize(
                 "targets",
                 activation_qps.layer_targets,
             )
-        if activation_qps.dynamic_mix_errors is not None:
-            chosen, targets = activation_qps.dynamic_mix_errors
-            extra["dynamic_estimator"]["dynamic_from_targets"] = {
-                "per_layer_choice_error": chosen,
-                "targets_error": targets,
-                "adopted": activation_qps.dynamic_from_targets,
+        if activation_qps.dynamic_mix_errors:
+            extra["dynamic_estimator"]["dynamic_mix"] = {
+                "errors": {
+                    DYNAMIC_MIXES[mix]: error
+                    for mix, error in activation_qps.dynamic_mix_errors.items()
+                },
+                "adopted": DYNAMIC_MIXES[activation_qps.dynamic_mix],
+                "changed": activation_qps.dynamic_mix != CHOSEN_MIX,
+                "offsets": activation_qps.dynamic_offsets,
+            }
+        if activation_qps.dynamic_sweep_errors is not None:
+            before, after = activation_qps.dynamic_sweep_errors
+            extra["dynamic_estimator"]["dynamic_second_sweep"] = {
+                "output_error_before": before,
+                "output_error_after": after,
+                "estimators": activation_qps.layer_estimators,
             }
     if activation_qps is not None and activation_qps.fit_r_squared:
         r2 = list(activation_qps.fit_r_squared.values())

@@ -156,12 +156,13 @@ def refine_per_layer(
     reference: Sequence[list[torch.Tensor]],
     candidates: Sequence[str] = CANDIDATE_ESTIMATORS,
     show_progress: bool = False,
+    sweep_batches: int = PER_LAYER_BATCHES,
 ) -> LayerChoice:
     """One sweep of coordinate descent on each layer's per-input estimator, in graph order
     (the order the layers run): with every other layer fixed, each uniform layer tries the
     ``candidates`` and keeps the one that lowers the relative output error
-    ``sum ||y_q - y||^2 / sum ||y||^2`` on ``batches[:PER_LAYER_BATCHES]`` (``reference``:
-    the float outputs of those batches) by more than ``PER_LAYER_MIN_GAIN``.
+    ``sum ||y_q - y||^2 / sum ||y||^2`` on ``batches[:sweep_batches]`` (``reference``: the
+    float outputs of those batches) by more than ``PER_LAYER_MIN_GAIN``.
 
     The white paper's output-error criterion for ranges (§3.1) chosen per layer, where
     ``choose_dynamic_estimator`` chooses one estimator for the whole model: the best clipping
@@ -176,7 +177,7 @@ def refine_per_layer(
     that point are computed once per layer and the sweep costs about half the full runs.
     """
     uniform = {name: s for name, s in samplers.items() if s.scheme is Scheme.UNIFORM}
-    used = list(batches[:PER_LAYER_BATCHES])
+    used = list(batches[:sweep_batches])
     expected = list(reference[: len(used)])
     segments = Segments(model.graph_module)
     cuts = {name: segments.cut_of(model.module_target(name)) for name in uniform}
@@ -219,24 +220,29 @@ def mix_errors(
     reference: Sequence[list[torch.Tensor]],
     show_progress: bool = False,
     label: str = "compare per-input ranges",
+    offsets: Mapping[str, Mapping[str, float]] | None = None,
 ) -> dict[str, float]:
     """The dynamic-mode relative output error of each per-layer estimator assignment in
     ``mixes`` (by name; each maps sampler names to estimators) on ``batches`` (``reference``:
-    their float outputs), unrounded. Leaves every sampler's mode and estimator as it found
-    them."""
+    their float outputs), unrounded. ``offsets``, by mix name: the layers' range offsets
+    (``SampleQuantizer.range_offset``) that mix runs with. Leaves every sampler's mode,
+    estimator and offset as it found them."""
     used = list(batches)
     expected = list(reference[: len(used)])
-    saved = {name: (s.mode, s.estimator) for name, s in samplers.items()}
+    saved = {name: (s.mode, s.estimator, s.range_offset) for name, s in samplers.items()}
     errors: dict[str, float] = {}
     try:
         for name, mix in progress(list(mixes.items()), label, show_progress):
+            shifts = (offsets or {}).get(name, {})
             for layer, sampler in samplers.items():
                 sampler.mode = QPMode.DYNAMIC
                 sampler.estimator = mix.get(layer, saved[layer][1])
+                sampler.range_offset = shifts.get(layer, saved[layer][2])
             errors[name] = relative_output_error(model, used, expected)
     finally:
-        for layer, (mode, estimator) in saved.items():
+        for layer, (mode, estimator, offset) in saved.items():
             samplers[layer].mode, samplers[layer].estimator = mode, estimator
+            samplers[layer].range_offset = offset
     return errors
 
 

@@ -24,6 +24,10 @@ calibration samples ``i`` with the predictors running:
 searched on a grid of multiples of the layer's fit residual σ_l and added to the predictor's
 intercepts (both ``lo`` and ``hi`` of a range), so the saved, loaded and exported predictor
 carries it.
+
+A predictor with its offset approximates the exact ranges times ``e^δ_l``, not the exact
+ranges, so ``dynamic`` mode may run that counterpart (``fit_dynamic_offsets``, and the choice
+in ``qpp.predict.activation_qps``): the same uniform objective, fitted on the exact ranges.
 """
 
 from __future__ import annotations
@@ -103,58 +107,119 @@ def fit_offsets(
     """Add ``δ_l`` (module docstring) to the intercepts of every predicted layer; returns the
     offsets by quantizer name. The predictors must be installed and the model in ``predicted``
     mode."""
+    predicted = [name for name, sampler in samplers.items() if sampler.mode is QPMode.PREDICTED]
+    layers = _layer_columns(predictors, predicted)
+    grids = {name: _steps(samplers[name]) * sigma for name, (_, _, sigma) in layers.items()}
+    losses = _offset_losses(
+        model, samplers, grids, batches, outlier_fraction, False, show_progress, "fit QP offsets"
+    )
+    offsets: dict[str, float] = {}
+    for name, (predictor, columns, _) in layers.items():
+        if name not in losses:
+            continue
+        offsets[name] = float(grids[name][best_offset(losses[name], grids[name])])
+        for column in columns:
+            predictor.weight[0, column] += offsets[name]
+    return offsets
+
+
+def fit_dynamic_offsets(
+    model: QuantizedModel,
+    samplers: dict[str, SampleQuantizer],
+    predictors: Sequence[LinearQPPredictor],
+    names: Sequence[str],
+    batches: Sequence[Batch],
+    show_progress: bool = False,
+) -> dict[str, float]:
+    """The uniform ``δ_l`` of the module docstring for the *exact* per-input ranges of the
+    uniform layers ``names`` (their estimators'), searched on the same grid as their
+    predictors' offsets: the per-layer range factor that makes ``dynamic`` mode the exact
+    counterpart of a predictor with its offset. Runs the model in ``dynamic`` mode with every
+    ``range_offset`` at 0 and leaves the modes and offsets as it found them; returns the
+    offsets by quantizer name (set none)."""
+    uniform = [name for name in names if samplers[name].scheme is Scheme.UNIFORM]
+    layers = _layer_columns(predictors, uniform)
+    grids = {name: RANGE_STEPS * sigma for name, (_, _, sigma) in layers.items()}
+    saved = {name: (s.mode, s.range_offset) for name, s in samplers.items()}
+    try:
+        for sampler in samplers.values():
+            sampler.mode, sampler.range_offset = QPMode.DYNAMIC, 0.0
+        losses = _offset_losses(
+            model, samplers, grids, batches, 0.0, True, show_progress, "fit dynamic offsets"
+        )
+    finally:
+        for name, (mode, offset) in saved.items():
+            samplers[name].mode, samplers[name].range_offset = mode, offset
+    return {
+        name: float(grid[best_offset(losses[name], grid)])
+        for name, grid in grids.items()
+        if name in losses
+    }
+
+
+def _layer_columns(
+    predictors: Sequence[LinearQPPredictor], names: Sequence[str]
+) -> dict[str, tuple[LinearQPPredictor, list[int], float]]:
+    """Each of ``names`` that a predictor serves: that predictor, the layer's columns in it,
+    and the largest residual σ of those columns (``MIN_SIGMA`` at least)."""
+    wanted = set(names)
     found: dict[str, tuple[LinearQPPredictor, list[int], list[float]]] = {}
     for predictor in predictors:
         for column, (name, _) in enumerate(predictor.targets):
-            if samplers[name].mode is not QPMode.PREDICTED:
+            if name not in wanted:
                 continue
             entry = found.setdefault(name, (predictor, [], [MIN_SIGMA]))
             entry[1].append(column)
             if predictor.residual_std is not None:
                 entry[2].append(float(predictor.residual_std[column]))
-    layers = {
-        name: (predictor, columns, _steps(samplers[name]) * max(sigmas))
-        for name, (predictor, columns, sigmas) in found.items()
-    }
-    if not layers:
+    return {name: (p, columns, max(sigmas)) for name, (p, columns, sigmas) in found.items()}
+
+
+def _offset_losses(
+    model: QuantizedModel,
+    samplers: dict[str, SampleQuantizer],
+    grids: dict[str, torch.Tensor],
+    batches: Sequence[Batch],
+    outlier_fraction: float,
+    exact: bool,
+    show_progress: bool,
+    label: str,
+) -> dict[str, torch.Tensor]:
+    """``[S, K]`` per layer of ``grids``: each calibration sample's loss (module docstring)
+    with its QPs scaled by each of the layer's ``K`` factors ``e^grid``. The QPs are the
+    predicted ones, or with ``exact`` the sampler's exact per-input QPs."""
+    if not grids:
         return {}
-    losses: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    losses: dict[str, list[torch.Tensor]] = {name: [] for name in grids}
 
     def record(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         sampler = samplers[module.name]  # type: ignore[index]
-        predicted = sampler.predicted
-        if predicted is None:
-            return
         rows = sample_rows(args[0], sampler.name)
-        factors = layers[sampler.name][2].exp()
+        qps = sampler.exact_qps(rows) if exact else sampler.predicted
+        if qps is None:
+            return
+        factors = grids[sampler.name].exp()
         if sampler.scheme is Scheme.DENSE_SPARSE:
-            assert predicted.threshold is not None
-            candidates = predicted.threshold.double()[:, None] * factors[None, :]
+            assert qps.threshold is not None
+            candidates = qps.threshold.double()[:, None] * factors[None, :]
             loss = (densities_above(rows, candidates) - outlier_fraction).square()
         else:
-            assert predicted.hi is not None
-            lo = predicted.lo if predicted.lo is not None else torch.zeros_like(predicted.hi)
-            loss = range_errors(rows, lo, predicted.hi, factors, sampler)
+            assert qps.hi is not None
+            lo = qps.lo if qps.lo is not None else torch.zeros_like(qps.hi)
+            loss = range_errors(rows, lo, qps.hi, factors, sampler)
         losses[sampler.name].append(loss)
 
     # Registered after the predictors' hooks, so a quantizer that is its own predictor's source
     # has its QPs predicted before this hook reads them.
-    hooks = [samplers[name].quantizer.register_forward_pre_hook(record) for name in layers]
+    hooks = [samplers[name].quantizer.register_forward_pre_hook(record) for name in grids]
     try:
         with torch.no_grad():
-            for batch in progress(batches, "fit QP offsets", show_progress):
+            for batch in progress(batches, label, show_progress):
                 model(*batch)
     finally:
         for hook in hooks:
             hook.remove()
-    offsets: dict[str, float] = {}
-    for name, (predictor, columns, grid) in layers.items():
-        if not losses[name]:
-            continue
-        offsets[name] = float(grid[best_offset(torch.cat(losses[name]), grid)])
-        for column in columns:
-            predictor.weight[0, column] += offsets[name]
-    return offsets
+    return {name: torch.cat(found) for name, found in losses.items() if found}
 
 
 def _steps(sampler: SampleQuantizer) -> torch.Tensor:

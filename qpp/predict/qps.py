@@ -170,7 +170,8 @@ class SampleQuantizer:
 
     - ``static`` uniform: the quantizer's calibrated encoding; static Dense+Sparse: the mean of
       the calibration samples' thresholds (the paper's "D+S Static");
-    - ``dynamic``: exact QPs of each sample, computed from the tensor at run time;
+    - ``dynamic``: exact QPs of each sample, computed from the tensor at run time (a uniform
+      range optionally scaled by a fitted per-layer factor, ``range_offset``);
     - ``predicted``: QPs written into ``predicted`` by a predictor before this tensor arrives.
 
     While ``recorded`` is a list, every forward appends the exact per-sample QPs (the
@@ -193,6 +194,9 @@ class SampleQuantizer:
         self.mode = mode
         self.outlier_fraction = outlier_fraction
         self.estimator = resolve_dynamic_estimator(estimator, quantizer.spec.bits)
+        #: ``dynamic`` uniform: the log factor ``δ`` on each sample's exact range, which runs
+        #: as ``[lo, hi] e^δ`` (``qpp.predict.offsets.fit_dynamic_offsets``); 0: the exact range.
+        self.range_offset = 0.0
         self.nonnegative = False
         #: The floor of the Dense+Sparse dense range, set from the calibration data
         #: (``qpp.quant.dense_sparse.dense_sparse_floor``); ``-inf``: none, ``[-t, t]``.
@@ -216,12 +220,19 @@ class SampleQuantizer:
             )
         return dynamic_range(rows, self.estimator, self.quantizer)
 
+    def offset(self, qps: SampleQPs) -> SampleQPs:
+        """Uniform ``qps`` scaled by ``e^range_offset`` (Dense+Sparse and 0 offsets as is)."""
+        if self.scheme is Scheme.DENSE_SPARSE or self.range_offset == 0.0:
+            return qps
+        factor = math.exp(self.range_offset)
+        return SampleQPs(lo=qps.lo * factor, hi=qps.hi * factor)  # type: ignore[operator]
+
     def _qps(self, rows: torch.Tensor) -> SampleQPs | None:
         if self.mode is QPMode.DYNAMIC or self.recorded is not None:
             qps = self.exact_qps(rows)
-            if self.recorded is not None:
+            if self.recorded is not None:  # the regression targets: exact, without offset
                 self.recorded.append(qps)
-            return qps
+            return self.offset(qps) if self.mode is QPMode.DYNAMIC else qps
         if self.mode is QPMode.PREDICTED:
             qps = self.predicted
             if qps is None:

@@ -109,14 +109,20 @@ def print_estimator_choice(result: dict[str, Any], console: Console) -> None:
                 f"error on the calibration batches {layer_targets['output_error_before']:.4g}"
                 f" -> {layer_targets['output_error_after']:.4g})"
             )
-        from_targets = choice.get("dynamic_from_targets")
-        if from_targets:
-            verdict = "take" if from_targets["adopted"] else "keep"
-            mix = "the predictors' mix" if from_targets["adopted"] else "their per-layer choice"
+        dynamic_mix = choice.get("dynamic_mix")
+        if dynamic_mix:
+            adopted = dynamic_mix["adopted"]
+            verdict = f"take the {adopted}" if dynamic_mix["changed"] else f"keep their {adopted}"
+            listed = ", ".join(f"{mix} {error:.4g}" for mix, error in dynamic_mix["errors"].items())
             console.print(
-                f"dynamic ranges {verdict} {mix} (relative output error on the calibration "
-                f"batches: per-layer choice {from_targets['per_layer_choice_error']:.4g}, "
-                f"predictors' mix {from_targets['targets_error']:.4g})"
+                f"dynamic ranges {verdict} (relative output error on the calibration batches: "
+                f"{listed})"
+            )
+        second = choice.get("dynamic_second_sweep")
+        if second:
+            console.print(
+                f"then dynamic ranges per layer again, on the same batches (relative output "
+                f"error {second['output_error_before']:.4g} -> {second['output_error_after']:.4g})"
             )
         chosen_error = choice["calibration_output_error"][choice["chosen"]]
         if static is not None and static <= chosen_error and not per_layer:

@@ -314,10 +314,23 @@ def test_per_layer_ranges_are_reported_and_reproduced(
         assert targets["label"].startswith("per-layer (")
         saved_targets = {n: layer["target"] for n, layer in saved["layers"].items()}
         assert saved_targets == targets["targets"]
-        mix = choice["dynamic_from_targets"]  # dynamic mode runs the better of the two mixes
-        assert mix["adopted"] is (mix["targets_error"] < mix["per_layer_choice_error"] * 0.999)
+        mix = choice["dynamic_mix"]  # dynamic mode runs the candidate with the least error
+        best = min(mix["errors"], key=mix["errors"].__getitem__)
+        assert mix["changed"] is (mix["adopted"] != "per-layer choice")
+        assert mix["adopted"] in (best, "per-layer choice")
+        saved_offsets = {
+            n: layer["dynamic_offset"]
+            for n, layer in saved["layers"].items()
+            if "dynamic_offset" in layer
+        }
+        assert saved_offsets == mix["offsets"]
+        second = choice["dynamic_second_sweep"]  # then the estimators again, on its batches
+        assert second["output_error_before"] == pytest.approx(mix["errors"][mix["adopted"]])
+        assert second["output_error_after"] <= second["output_error_before"]
+        assert second["estimators"] == per_layer["estimators"]
     else:
-        assert "per_layer_targets" not in choice and "dynamic_from_targets" not in choice
+        assert "per_layer_targets" not in choice and "dynamic_mix" not in choice
+        assert "dynamic_second_sweep" not in choice
     evaluated = qpp("eval", run, "--json")
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads(evaluated.stdout)["reproduced"] is True

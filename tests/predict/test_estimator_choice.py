@@ -13,7 +13,14 @@ from torch import nn
 from qpp.api import prepare, quantize
 from qpp.errors import EncodingsError
 from qpp.predict import ActivationQPSettings, configure_activation_qps, load_activation_qps
-from qpp.predict.activation_qps import TARGET_CANDIDATES, _dynamic_from_targets
+from qpp.predict.activation_qps import (
+    CHOSEN_MIX,
+    DYNAMIC_MIXES,
+    TARGET_CANDIDATES,
+    _choose_dynamic_mix,
+    _dynamic_mix,
+    best_dynamic_mix,
+)
 from qpp.predict.estimator_choice import (
     CANDIDATE_ESTIMATORS,
     CHOICE_BATCHES,
@@ -332,19 +339,22 @@ def test_per_layer_is_no_worse_than_auto_and_is_saved_and_reloaded(tmp_path: Pat
     assert handle.layer_target_errors is not None
     start, refined = handle.layer_target_errors
     assert refined <= start
-    # Dynamic mode runs the per-layer estimators: the sweep's, or the predictors' mix where
-    # its exact ranges had the lower output error on the target sweep's batches.
+    # Dynamic mode starts from the candidate (the sweep's estimators or the predictors' mix,
+    # with or without range offsets) with the lowest output error on the target sweep's
+    # batches, and sweeps the layers' estimators again on those batches.
     assert {n: s.estimator for n, s in handle.samplers.items()} == handle.layer_estimators
-    assert handle.dynamic_mix_errors is not None
-    chosen_error, mix_error = handle.dynamic_mix_errors
-    if handle.dynamic_from_targets:
-        assert handle.layer_estimators == handle.layer_targets
+    assert set(handle.dynamic_mix_errors) == set(DYNAMIC_MIXES)
+    assert handle.dynamic_mix == best_dynamic_mix(handle.dynamic_mix_errors)
+    offsets = {n: s.range_offset for n, s in handle.samplers.items() if s.range_offset}
+    assert offsets == handle.dynamic_offsets
+    assert handle.dynamic_sweep_errors is not None
+    swept_from, swept = handle.dynamic_sweep_errors
+    assert swept_from == pytest.approx(handle.dynamic_mix_errors[handle.dynamic_mix], rel=1e-4)
+    assert swept <= swept_from
     handle.set_mode("dynamic")
     dynamic_error = relative_output_error(model, batches, _reference(model, batches))
     handle.set_mode("predicted")
-    assert dynamic_error == pytest.approx(
-        mix_error if handle.dynamic_from_targets else chosen_error, rel=1e-4
-    )
+    assert dynamic_error == pytest.approx(swept, rel=1e-4)
     handle.save(tmp_path)
     state = json.loads((tmp_path / "activation_qps.json").read_text())
     assert {n: layer["estimator"] for n, layer in state["layers"].items()} == (
@@ -358,6 +368,9 @@ def test_per_layer_is_no_worse_than_auto_and_is_saved_and_reloaded(tmp_path: Pat
     assert loaded.layer_targets == handle.layer_targets
     assert loaded.layer_target_errors == handle.layer_target_errors
     assert loaded.dynamic_mix_errors == handle.dynamic_mix_errors
+    assert loaded.dynamic_mix == handle.dynamic_mix
+    assert loaded.dynamic_offsets == handle.dynamic_offsets
+    assert loaded.dynamic_sweep_errors == handle.dynamic_sweep_errors
 
 
 def test_a_saved_per_layer_estimator_that_cannot_run_is_refused(tmp_path: Path) -> None:
@@ -413,9 +426,10 @@ def test_the_report_names_the_per_layer_predictor_targets() -> None:
 
 
 @pytest.mark.parametrize("targets_better", [True, False])
-def test_dynamic_takes_the_predictors_mix_only_where_it_is_better(targets_better: bool) -> None:
-    """``per-layer``, predicted: the estimator mix the predictors' columns came from replaces
-    the dynamic sweep's choice when its exact ranges lower the dynamic output error."""
+def test_dynamic_runs_the_candidate_with_the_least_output_error(targets_better: bool) -> None:
+    """``per-layer``, predicted: dynamic mode runs the candidate of ``DYNAMIC_MIXES`` (the
+    sweep's estimators, the predictors' mix, with or without range offsets) whose exact ranges
+    lower the dynamic output error most, and the sweep's choice unless one beats it."""
     _, model = _model()
     batches = spiky_batches(4, 0)
     settings = ActivationQPSettings(mode="predicted", estimator="minmax")
@@ -424,35 +438,76 @@ def test_dynamic_takes_the_predictors_mix_only_where_it_is_better(targets_better
     minmax = dict.fromkeys(handle.samplers, "minmax")
     good, bad = clipped, minmax
     handle.layer_estimators, handle.layer_targets = (bad, good) if targets_better else (good, bad)
+    handle.qp_offsets = dict.fromkeys(handle.samplers, 0.5)  # wider ranges: worse here
     for name, estimator in handle.layer_estimators.items():
         handle.samplers[name].estimator = estimator
     reference = _reference(model, batches)
-    _dynamic_from_targets(handle, batches, reference)
-    assert handle.dynamic_mix_errors is not None
-    chosen_error, mix_error = handle.dynamic_mix_errors
-    assert (mix_error < chosen_error) is targets_better
-    assert handle.dynamic_from_targets is targets_better
-    assert handle.layer_estimators == good
-    assert {n: s.estimator for n, s in handle.samplers.items()} == good
+    _choose_dynamic_mix(handle, batches, reference)
+    errors = handle.dynamic_mix_errors
+    assert list(errors) == list(DYNAMIC_MIXES)
+    assert (errors["targets"] < errors[CHOSEN_MIX]) is targets_better
+    assert errors["targets_offsets"] > errors["targets"]  # the 0.5 log offsets widen
+    assert handle.dynamic_mix == best_dynamic_mix(errors)
+    assert (handle.dynamic_mix != CHOSEN_MIX) is (
+        min(errors.values()) < errors[CHOSEN_MIX] * (1 - PER_LAYER_MIN_GAIN)
+    )
+    if targets_better:
+        assert handle.dynamic_mix != CHOSEN_MIX
+    uses_targets = handle.dynamic_mix.startswith("targets")
+    assert handle.layer_estimators == (bad if uses_targets != targets_better else good)
+    assert {n: s.estimator for n, s in handle.samplers.items()} == handle.layer_estimators
+    offsets = {n: s.range_offset for n, s in handle.samplers.items() if s.range_offset}
+    assert offsets == handle.dynamic_offsets
+    assert bool(offsets) is ("offsets" in handle.dynamic_mix or "fitted" in handle.dynamic_mix)
     # The comparison ran in dynamic mode and left the model in predicted mode.
     assert {s.mode.value for s in handle.samplers.values()} == {"predicted"}
     handle.set_mode("dynamic")
     error = relative_output_error(model, batches, reference)
-    assert error == pytest.approx(min(chosen_error, mix_error), rel=1e-4)
+    assert error == pytest.approx(errors[handle.dynamic_mix], rel=1e-4)
+    assert error <= errors[CHOSEN_MIX] * (1 + 1e-4)  # the errors are rounded
 
 
-def test_the_report_says_whether_dynamic_took_the_predictors_mix() -> None:
+def test_the_best_dynamic_mix_must_beat_the_per_layer_choice() -> None:
+    errors = dict.fromkeys(DYNAMIC_MIXES, 1.0)
+    assert best_dynamic_mix(errors) == CHOSEN_MIX  # ties keep the sweep's choice
+    errors["targets_fitted"] = 1.0 - PER_LAYER_MIN_GAIN / 2
+    assert best_dynamic_mix(errors) == CHOSEN_MIX  # within the minimum gain
+    errors["targets_fitted"] = errors["chosen_fitted"] = 0.5
+    assert best_dynamic_mix(errors) == "chosen_fitted"  # ties go to the earlier candidate
+    assert best_dynamic_mix({}) == CHOSEN_MIX
+
+
+def test_a_save_from_before_the_offset_candidates_reloads_its_mix() -> None:
+    """Older saves kept ``[per-layer choice error, predictors' mix error]``."""
+    errors, mix = _dynamic_mix({"dynamic_mix_errors": [0.3, 0.2]})
+    assert errors == {CHOSEN_MIX: 0.3, "targets": 0.2} and mix == "targets"
+    assert _dynamic_mix({"dynamic_mix_errors": [0.2, 0.3]})[1] == CHOSEN_MIX
+    assert _dynamic_mix({"dynamic_mix_errors": None}) == ({}, CHOSEN_MIX)
+    with pytest.raises(ValueError, match="unknown dynamic mix"):
+        _dynamic_mix({"dynamic_mix_errors": {CHOSEN_MIX: 0.1}, "dynamic_mix": "bogus"})
+
+
+def test_the_report_says_which_ranges_dynamic_mode_runs() -> None:
     choice = {
         "chosen": "mse",
         "calibration_output_error": {"mse": 0.2},
         "static_output_error": 0.5,
-        "dynamic_from_targets": {
-            "per_layer_choice_error": 0.25,
-            "targets_error": 0.2,
-            "adopted": True,
+        "dynamic_mix": {
+            "errors": {"per-layer choice": 0.25, "predictors' mix, fitted offsets": 0.2},
+            "adopted": "predictors' mix, fitted offsets",
+            "changed": True,
+            "offsets": {"first.input": -0.2},
         },
     }
     text = _report_text(choice)
-    assert "dynamic ranges take the predictors' mix" in text and "0.25" in text
-    choice["dynamic_from_targets"]["adopted"] = False
-    assert "dynamic ranges keep their per-layer choice" in _report_text(choice)
+    assert "dynamic ranges take the predictors' mix, fitted offsets" in text
+    assert "per-layer choice 0.25" in text
+    choice["dynamic_mix"] |= {"adopted": "per-layer choice", "changed": False}
+    choice["dynamic_second_sweep"] = {
+        "output_error_before": 0.25,
+        "output_error_after": 0.125,
+        "estimators": {},
+    }
+    text = _report_text(choice)
+    assert "dynamic ranges keep their per-layer choice" in text
+    assert "then dynamic ranges per layer again" in text and "0.25 -> 0.125" in text

@@ -1,12 +1,16 @@
 """Predicted QPs shifted to serve their scheme (qpp.predict.offsets)."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from qpp.api import quantize
 from qpp.predict import ActivationQPSettings, configure_activation_qps
-from qpp.predict.offsets import best_offset, densities_above, range_errors
+from qpp.predict.offsets import best_offset, densities_above, fit_dynamic_offsets, range_errors
+from qpp.predict.qps import QPMode
+from qpp.quant.affine import choose_qparams, fake_quantize
 from qpp.sim.config import QuantConfig
 
 RHO = 0.01
@@ -144,3 +148,59 @@ def test_uniform_offsets_lower_the_quantization_error() -> None:
     fitted, offsets = _first_layer_error(True)
     assert none == {} and "scale.input" in offsets
     assert fitted < plain, (plain, fitted, offsets)
+
+
+def _first_layer_dynamic_error(model, handle, offset: float) -> float:  # type: ignore[no-untyped-def]
+    """Squared quantization error at the network input on fresh inputs in dynamic mode, with
+    ``offset`` on the input's exact min-max ranges."""
+    handle.set_mode("dynamic")
+    sampler = handle.samplers["scale.input"]
+    sampler.range_offset = offset
+    total = [0.0]
+
+    def measure(module, args, output) -> None:  # type: ignore[no-untyped-def]
+        total[0] += float((output - args[0]).square().sum())
+
+    hook = sampler.quantizer.register_forward_hook(measure)
+    try:
+        with torch.no_grad():
+            for batch in batches(4, 9):
+                model(*batch)
+    finally:
+        hook.remove()
+        sampler.range_offset = 0.0
+        handle.set_mode("predicted")
+    return total[0]
+
+
+def test_dynamic_offsets_clip_exact_min_max_ranges_where_that_lowers_the_error() -> None:
+    """At 4 bits a Gaussian's min-max range wastes the grid on its extremes: the offset
+    fitted on the exact ranges is negative (it clips) and lowers the quantization error, and
+    the recorded exact QPs (the regression targets) stay unscaled."""
+    torch.manual_seed(0)
+    model = quantize(ClippedNet().eval(), batches(4, 0), QuantConfig(activation_bits=4))
+    settings = ActivationQPSettings(
+        mode="predicted", estimator="minmax", features=("mean",), sources=("scale.input",)
+    )
+    handle = configure_activation_qps(model, batches(8, 0), settings)
+    names = list(handle.samplers)
+    offsets = fit_dynamic_offsets(model, handle.samplers, handle.predictors, names, batches(4, 0))
+    assert set(offsets) == set(names)
+    assert offsets["scale.input"] < 0, offsets
+    # Modes and offsets are as they were.
+    assert {s.mode.value for s in handle.samplers.values()} == {"predicted"}
+    assert all(s.range_offset == 0.0 for s in handle.samplers.values())
+    exact = _first_layer_dynamic_error(model, handle, 0.0)
+    clipped = _first_layer_dynamic_error(model, handle, offsets["scale.input"])
+    assert clipped < exact, (exact, clipped)
+    sampler = handle.samplers["scale.input"]
+    sampler.mode, sampler.range_offset, sampler.recorded = QPMode.DYNAMIC, -0.3, []
+    rows = torch.randn(2, 100)
+    used = sampler(rows)  # fake-quantized on the offset range
+    assert sampler.recorded is not None
+    assert torch.allclose(sampler.recorded[0].hi, rows.amax(dim=1))  # targets stay exact
+    factor, spec = math.exp(-0.3), sampler.quantizer.spec
+    lo, hi = rows.amin(dim=1) * factor, rows.amax(dim=1) * factor
+    scale, zero_point = choose_qparams(lo, hi, spec.bits, spec.symmetric, spec.is_signed)  # type: ignore[arg-type]
+    expected = fake_quantize(rows, scale, zero_point, spec.bits, spec.is_signed, axis=0)  # type: ignore[arg-type]
+    assert torch.equal(used, expected)
