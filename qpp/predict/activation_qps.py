@@ -805,20 +805,19 @@ def _choose_dynamic_mix(
     uniform = {name: handle.samplers[name] for name in handle.layer_targets}
     used = batches[:TARGET_SWEEP_BATCHES]
     chosen, targets = dict(handle.layer_estimators), dict(handle.layer_targets)
-    mixes = {CHOSEN_MIX: chosen, "targets": targets, "targets_offsets": targets}
+    mixes = {
+        CHOSEN_MIX: chosen,
+        "targets": targets,
+        "targets_offsets": targets,
+        "chosen_fitted": chosen,
+        "targets_fitted": targets,
+    }
     offsets = {"targets_offsets": {n: handle.qp_offsets.get(n, 0.0) for n in targets}}
-    for mix, estimators in [("chosen_fitted", chosen), ("targets_fitted", targets)]:
-        saved = {name: sampler.estimator for name, sampler in uniform.items()}
-        for name, estimator in estimators.items():
-            uniform[name].estimator = estimator
-        try:
-            offsets[mix] = fit_dynamic_offsets(
-                handle.model, handle.samplers, handle.predictors, list(targets), used
-            )
-        finally:
-            for name, estimator in saved.items():
-                uniform[name].estimator = estimator
-        mixes[mix] = estimators
+    for mix in ("chosen_fitted", "targets_fitted"):
+        estimators = {name: mixes[mix].get(name, s.estimator) for name, s in uniform.items()}
+        offsets[mix] = fit_dynamic_offsets(
+            handle.model, handle.samplers, handle.predictors, estimators, used
+        )
     errors = mix_errors(handle.model, uniform, mixes, used, reference, offsets=offsets)
     handle.dynamic_mix_errors = {mix: round(errors[mix], 6) for mix in DYNAMIC_MIXES}
     handle.dynamic_mix = best_dynamic_mix(handle.dynamic_mix_errors)

@@ -32,7 +32,7 @@ in ``qpp.predict.activation_qps``): the same uniform objective, fitted on the ex
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -127,29 +127,31 @@ def fit_dynamic_offsets(
     model: QuantizedModel,
     samplers: dict[str, SampleQuantizer],
     predictors: Sequence[LinearQPPredictor],
-    names: Sequence[str],
+    estimators: Mapping[str, str],
     batches: Sequence[Batch],
     show_progress: bool = False,
 ) -> dict[str, float]:
     """The uniform ``δ_l`` of the module docstring for the *exact* per-input ranges of the
-    uniform layers ``names`` (their estimators'), searched on the same grid as their
+    uniform layers of ``estimators`` with those estimators, searched on the same grid as their
     predictors' offsets: the per-layer range factor that makes ``dynamic`` mode the exact
     counterpart of a predictor with its offset. Runs the model in ``dynamic`` mode with every
-    ``range_offset`` at 0 and leaves the modes and offsets as it found them; returns the
-    offsets by quantizer name (set none)."""
-    uniform = [name for name in names if samplers[name].scheme is Scheme.UNIFORM]
+    ``range_offset`` at 0 and leaves the modes, estimators and offsets as it found them;
+    returns the offsets by quantizer name (set none)."""
+    uniform = [name for name in estimators if samplers[name].scheme is Scheme.UNIFORM]
     layers = _layer_columns(predictors, uniform)
     grids = {name: RANGE_STEPS * sigma for name, (_, _, sigma) in layers.items()}
-    saved = {name: (s.mode, s.range_offset) for name, s in samplers.items()}
+    saved = {name: (s.mode, s.estimator, s.range_offset) for name, s in samplers.items()}
     try:
-        for sampler in samplers.values():
+        for name, sampler in samplers.items():
             sampler.mode, sampler.range_offset = QPMode.DYNAMIC, 0.0
+            sampler.estimator = estimators.get(name, sampler.estimator)
         losses = _offset_losses(
             model, samplers, grids, batches, 0.0, True, show_progress, "fit dynamic offsets"
         )
     finally:
-        for name, (mode, offset) in saved.items():
-            samplers[name].mode, samplers[name].range_offset = mode, offset
+        for name, (mode, estimator, offset) in saved.items():
+            sampler = samplers[name]
+            sampler.mode, sampler.estimator, sampler.range_offset = mode, estimator, offset
     return {
         name: float(grid[best_offset(losses[name], grid)])
         for name, grid in grids.items()

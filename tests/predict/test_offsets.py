@@ -184,7 +184,10 @@ def test_dynamic_offsets_clip_exact_min_max_ranges_where_that_lowers_the_error()
     )
     handle = configure_activation_qps(model, batches(8, 0), settings)
     names = list(handle.samplers)
-    offsets = fit_dynamic_offsets(model, handle.samplers, handle.predictors, names, batches(4, 0))
+    estimators = {name: handle.samplers[name].estimator for name in names}
+    offsets = fit_dynamic_offsets(
+        model, handle.samplers, handle.predictors, estimators, batches(4, 0)
+    )
     assert set(offsets) == set(names)
     assert offsets["scale.input"] < 0, offsets
     # Modes and offsets are as they were.
