@@ -23,7 +23,7 @@ from qpp.quant.dense_sparse import (
     outlier_density,
     outlier_threshold,
 )
-from qpp.quant.ranges import parse_estimator, rows_mse_range
+from qpp.quant.ranges import parse_estimator, row_percentile_range, rows_mse_range
 from qpp.sim.quantizer import Quantizer
 
 #: Columns of a per-sample row that an MSE range search evaluates (a strided subset): the
@@ -154,8 +154,7 @@ def dynamic_range(rows: torch.Tensor, estimator: str, quantizer: Quantizer) -> S
     name, argument = parse_estimator(estimator)
     lo, hi = rows.amin(dim=1), rows.amax(dim=1)
     if name == "percentile":
-        q = (argument or 99.99) / 100.0
-        lo, hi = torch.quantile(rows, 1 - q, dim=1), torch.quantile(rows, q, dim=1)
+        lo, hi = row_percentile_range(rows, argument or 99.99)
     elif name == "mse":
         subset = rows[:, search_columns(rows.shape[1])]
         # The calibrated ranges' full search grid (24 coarse, 7 fine steps): with 12 and 5 (two

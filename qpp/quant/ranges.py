@@ -51,6 +51,45 @@ class Grid:
         return choose_qparams(lo, hi, self.bits, self.symmetric, self.signed)
 
 
+#: ``row_percentile_range`` selects the tails with ``topk`` while they hold at most this share
+#: of a row; wider tails sort the row (``torch.quantile``).
+TOPK_SHARE = 0.125
+
+
+def row_percentile_range(rows: torch.Tensor, percentile: float) -> Range:
+    """Per row of ``[N, M]``, the ``(100 - P)``-th and ``P``-th percentiles: as
+    ``torch.quantile(rows, 1 - P/100, dim=1)`` and ``torch.quantile(rows, P/100, dim=1)``,
+    linear interpolation between the order statistics around rank ``q (M - 1)``, with the
+    rank in float64 (torch rounds it to the rows' dtype, off by up to 0.06 of a rank at
+    M = 1.6M); NaN in a row gives NaN.
+
+    A percentile near 100 needs only the few values of each tail, so ``topk`` selects them in
+    one pass where ``torch.quantile`` sorts the row, twice for the two bounds: 5x faster on
+    rows of 1.6M elements at P = 99.99 (per-input percentile ranges took 71 % of a per-layer
+    sweep on ppocr-det, 2026-12-07)."""
+    q = percentile / 100.0
+    levels = torch.tensor([1.0 - q, q], dtype=torch.float64)
+    columns = rows.shape[1]
+    ranks = levels * (columns - 1)
+    (low_below, high_below), (low_above, high_above) = (
+        ranks.floor().long().tolist(),
+        ranks.ceil().long().tolist(),
+    )
+    tails = (low_above + 1, columns - high_below)
+    if not (rows.is_floating_point() and q >= 0.5 and max(tails) <= TOPK_SHARE * columns):
+        both = torch.quantile(rows, levels.to(rows.dtype), dim=1)
+        return both[0], both[1]
+    weights = (ranks - ranks.floor()).to(rows.dtype)
+    bottom = rows.topk(tails[0], dim=1, largest=False).values  # ascending: rank i at i
+    top = rows.topk(tails[1], dim=1).values  # descending: rank i at columns - 1 - i
+    lo = bottom[:, low_below].lerp(bottom[:, low_above], weights[0])
+    hi = top[:, columns - 1 - high_below].lerp(top[:, columns - 1 - high_above], weights[1])
+    nan = rows.isnan().any(dim=1)
+    if bool(nan.any()):  # torch.quantile's NaN: topk would rank NaN above every value
+        lo, hi = lo.masked_fill(nan, math.nan), hi.masked_fill(nan, math.nan)
+    return lo, hi
+
+
 # ---------------------------------------------------------------------------------------------
 # Estimators on statistics
 
@@ -318,8 +357,7 @@ def weight_range(weight: torch.Tensor, axis: int | None, estimator: str, grid: G
     if name == "minmax":
         return lo, hi
     if name == "percentile":
-        q = (argument or 99.99) / 100.0
-        return torch.quantile(rows, 1 - q, dim=1), torch.quantile(rows, q, dim=1)
+        return row_percentile_range(rows, argument or 99.99)
     if name == "mse":
         return _weight_mse_range(rows, lo, hi, grid, argument or 2.0)
     raise ConfigError(
@@ -469,6 +507,7 @@ __all__ = [
     "mse_range",
     "parse_estimator",
     "percentile_range",
+    "row_percentile_range",
     "topk_median_range",
     "weight_range",
 ]

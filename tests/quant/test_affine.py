@@ -226,6 +226,10 @@ def test_dequantize_of_quantize_equals_fake_quantize_bit_exactly(
     assert torch.equal(dequantize(integers, scale, zero_point), fake)
     # Fake-quantization is idempotent: grid points are fixed points.
     assert torch.equal(fake_quantize(fake, scale, zero_point, bits, signed), fake)
+    # The in-place path without gradients gives the straight-through path's values exactly.
+    tracked = fake_quantize(x.clone().requires_grad_(), scale, zero_point, bits, signed)
+    assert tracked.requires_grad and not fake.requires_grad
+    assert torch.equal(tracked.detach(), fake)
 
 
 @settings(max_examples=50, deadline=None)
@@ -247,6 +251,9 @@ def test_per_channel_equals_per_tensor_channel_by_channel(
     fake = fake_quantize(x, scale, zero_point, bits, symmetric, axis=axis)
     integers = quantize(x, scale, zero_point, bits, symmetric, axis=axis)
     assert torch.equal(dequantize(integers, scale, zero_point, axis=axis), fake)
+    tracked = fake_quantize(x, scale.requires_grad_(), zero_point, bits, symmetric, axis=axis)
+    assert torch.equal(tracked.detach(), fake)  # the straight-through path, same values
+    scale = scale.detach()
     for c in range(channels):
         channel = x.select(axis, c)
         expected = fake_quantize(channel, scale[c], zero_point[c], bits, symmetric)

@@ -25,6 +25,7 @@ from qpp.quant.ranges import (
     mse_range,
     parse_estimator,
     percentile_range,
+    row_percentile_range,
     weight_range,
 )
 
@@ -238,6 +239,45 @@ def test_per_channel_percentile() -> None:
     width = (histogram.hi - histogram.lo) / histogram.bins
     assert torch.all((lo - torch.quantile(rows, 0.01, dim=1)).abs() <= 2 * width)
     assert torch.all((hi - torch.quantile(rows, 0.99, dim=1)).abs() <= 2 * width)
+
+
+def sorted_percentile(rows: torch.Tensor, percentile: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The percentiles of each row by a full sort in float64, linear between order statistics."""
+    ordered = rows.double().sort(dim=1).values
+    bounds = []
+    for q in (1 - percentile / 100, percentile / 100):
+        rank = q * (rows.shape[1] - 1)
+        below, weight = int(rank), rank - int(rank)
+        above = min(below + 1, rows.shape[1] - 1)
+        bounds.append(
+            (ordered[:, below] + weight * (ordered[:, above] - ordered[:, below])).float()
+        )
+    return bounds[0], bounds[1]
+
+
+@pytest.mark.parametrize("columns", [7, 1000, 123_457])
+@pytest.mark.parametrize("percentile", [50.0, 90.0, 99.0, 99.9, 99.99, 100.0])
+def test_row_percentile_range_matches_a_full_sort(columns: int, percentile: float) -> None:
+    # the tails of 99.0 and above are selected with topk on the wider rows, the rest sorted
+    rows = torch.randn(3, columns, generator=generator(40)) ** 3 + 0.5
+    lo, hi = row_percentile_range(rows, percentile)
+    expected_lo, expected_hi = sorted_percentile(rows, percentile)
+    torch.testing.assert_close(lo, expected_lo, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(hi, expected_hi, rtol=1e-6, atol=1e-6)
+    # torch.quantile rounds the rank to float32: the sparse tails move by a little
+    quantile = torch.quantile(rows, torch.tensor([1 - percentile / 100, percentile / 100]), dim=1)
+    torch.testing.assert_close(lo, quantile[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(hi, quantile[1], rtol=1e-4, atol=1e-5)
+
+
+def test_row_percentile_range_keeps_nan_and_ties() -> None:
+    rows = torch.randn(3, 20_000, generator=generator(41))
+    rows[1, 17] = float("nan")
+    rows[2] = 2.0  # one value: every percentile is it
+    lo, hi = row_percentile_range(rows, 99.99)
+    assert torch.isnan(lo[1]) and torch.isnan(hi[1])
+    assert not torch.isnan(lo[0]) and lo[0] < 0 < hi[0]
+    assert lo[2].item() == hi[2].item() == 2.0
 
 
 @pytest.mark.parametrize("bits", [4, 8])
