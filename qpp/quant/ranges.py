@@ -84,8 +84,8 @@ def row_percentile_range(rows: torch.Tensor, percentile: float) -> Range:
     top = rows.topk(tails[1], dim=1).values  # descending: rank i at columns - 1 - i
     lo = bottom[:, low_below].lerp(bottom[:, low_above], weights[0])
     hi = top[:, columns - 1 - high_below].lerp(top[:, columns - 1 - high_above], weights[1])
-    nan = rows.isnan().any(dim=1)
-    if bool(nan.any()):  # torch.quantile's NaN: topk would rank NaN above every value
+    nan = top[:, 0].isnan()  # topk ranks NaN above every value; torch.quantile gives NaN
+    if bool(nan.any()):
         lo, hi = lo.masked_fill(nan, math.nan), hi.masked_fill(nan, math.nan)
     return lo, hi
 
