@@ -339,6 +339,9 @@ def test_per_layer_is_no_worse_than_auto_and_is_saved_and_reloaded(tmp_path: Pat
     assert handle.layer_target_errors is not None
     start, refined = handle.layer_target_errors
     assert refined <= start
+    # after both target sweeps, predicted mode runs the columns they ended at
+    predicted_error = relative_output_error(model, batches, _reference(model, batches))
+    assert predicted_error == pytest.approx(refined, rel=1e-4)
     # Dynamic mode starts from the candidate (the sweep's estimators or the predictors' mix,
     # with or without range offsets) with the lowest output error on the target sweep's
     # batches, and sweeps the layers' estimators again on those batches.
