@@ -112,6 +112,13 @@ def qpp_rows(
                 if gap > 1e-9
                 else "n/a (dynamic <= static)"
             )
+            errors = {mode: row["output_error"] for mode, row in modes.items()}
+            error_gap = errors["static"] - errors["dynamic"]
+            closed += (
+                f"; output error {100 * (errors['static'] - errors['predicted']) / error_gap:.0f} %"
+                if error_gap > 0
+                else "; output error n/a"
+            )
             dense_sparse_layers = sum(
                 s.scheme.value == "dense-sparse" for s in handle.samplers.values()
             )
@@ -132,7 +139,7 @@ def qpp_rows(
                     + f" | {mode}{sources if mode == 'predicted' else ''}"
                     + (f", {estimators[mode]}" if scheme == "uniform" and mode != "static" else "")
                     + " | "
-                    f"{row['metrics'][primary]:.4f} | {spread} | "
+                    f"{row['metrics'][primary]:.4f} | {row['output_error']:.3g} | {spread} | "
                     f"{row['overhead_percent']:.3f} | {closed if mode == 'predicted' else ''} |"
                 )
     return lines
@@ -153,7 +160,7 @@ def ort_rows(name: str, entry: Any, root: Path) -> list[str]:
         value = (
             f"{row.metrics[entry.primary_metric]:.4f}" if row.metrics is not None else row.status
         )
-        lines.append(f"| {row.label} (W8A8) | uniform | - | {value} | - | - | |")
+        lines.append(f"| {row.label} (W8A8) | uniform | - | {value} | - | - | - | |")
     return lines
 
 
@@ -189,9 +196,9 @@ def main(argv: list[str]) -> None:
     bits = [int(b) for b in args.bits.split(",")]
     tables: dict[str, str] = {}
     header = [
-        "| method | scheme | mode | metric | outlier fraction (mean ± std over inputs) | "
-        "overhead (% FLOPs) | gap closed |",
-        "|---|---|---|---|---|---|---|",
+        "| method | scheme | mode | metric | output error vs FP32 | "
+        "outlier fraction (mean ± std over inputs) | overhead (% FLOPs) | gap closed |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     with tempfile.TemporaryDirectory(prefix="qpp_modes.") as temporary:
         for name in args.models.split(","):
@@ -206,7 +213,8 @@ def main(argv: list[str]) -> None:
             evaluation = entry.evaluation_set()
             tables[name] = (
                 f"### {name}\n\nMeasured {datetime.date.today()}, "
-                f"{(time.perf_counter() - model_started) / 60:.1f} min. "
+                f"{(time.perf_counter() - model_started) / 60:.1f} min, "
+                f"`--dynamic-estimator {args.dynamic_estimator}`. "
                 f"{evaluation.num_samples} evaluation samples, metric: "
                 f"{entry.primary_metric} (vs FP32 where it is a similarity).\n\n{table}"
             )
@@ -218,19 +226,28 @@ def main(argv: list[str]) -> None:
         f"{torch.get_num_threads()} torch thread(s); command: "
         f"`.venv/bin/python bench/qpp_modes.py {' '.join(argv)}`, {minutes:.1f} min (models "
         "not in the command keep their tables from an earlier run, dated in each). "
-        "W8 per-channel weights. Uniform: per-sample ranges (dynamic; the default `auto` "
-        "estimator, chosen per model and bit-width among min-max, percentile 99.99 and 99.9 "
-        "and MSE (per-sample grid search, 24 coarse and 7 fine steps, on 2048 elements) by the "
-        "output error vs FP32 on calibration batches, named in the mode "
-        "column) and their ridge "
+        "W8 per-channel weights. Uniform: per-sample ranges (dynamic; the estimator named in "
+        "each model's paragraph: `auto` (the default) chooses one per model and bit-width "
+        "among min-max, percentile 99.99 and 99.9 and MSE (per-sample grid search, 24 coarse "
+        "and 7 fine steps, on 2048 elements) by the output error vs FP32 on calibration "
+        "batches, named in the mode column; `per-layer` starts from `auto`'s choice and "
+        "chooses each layer's estimator by the same error, layer by layer, and may take the "
+        "predictors' targets and range offsets instead where they do better, named in the "
+        "mode column as `per-layer` and the mix) and their ridge "
         f"prediction by {PREDICTOR}; the predictors' targets are the ranges of whichever of "
         "the two estimators with the lowest dynamic error gives the lower predicted-mode "
-        "output error on the calibration batches (named as `targets`); Dense+Sparse: "
+        "output error on the calibration batches, or with `per-layer` each layer's columns "
+        "from whichever fit lowers that error, in two sweeps (named as `targets`); "
+        "Dense+Sparse: "
         "outlier fraction 1 % on every tensor with at least 1000 elements per sample "
         "(smaller ones, e.g. squeeze-excitation vectors, "
         "keep the uniform scheme in the same mode), static = the mean calibration threshold; "
         "the dense grid spans [-t, t], or [f, t] where the tensor's least calibration value f "
         "is above -t (0 after ReLU, -0.375 after hardswish). "
+        "Output error vs FP32: `sum ||y_q - y||^2 / sum ||y||^2` over the evaluation "
+        "outputs, a continuous counterpart of the metric, which at 8 bits moves by single "
+        "samples (tables measured before 2026-12-07 lack it); the gap column gives the share "
+        "of the static-to-dynamic gap closed in both. "
         "Overhead: the predictor's features and linear maps, or the dynamic reductions, per "
         "input, against the model's FLOPs. ORT rows: `quantize_static` MinMax (QDQ, "
         "per-channel QInt8 weights, QUInt8 activations) and, for MiniLM, `quantize_dynamic`, "

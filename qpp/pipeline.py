@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from qpp.api import calibrate_and_correct, limit_samples, prepare, run
 from qpp.data import check_batches
@@ -19,6 +20,7 @@ from qpp.predict import (
 )
 from qpp.predict.activation_qps import CHOSEN_MIX, DYNAMIC_MIXES, LayerDensity
 from qpp.predict.cost import model_flops
+from qpp.predict.estimator_choice import relative_error
 from qpp.runs import (
     RunRecord,
     load_weights,
@@ -31,6 +33,9 @@ from qpp.sim.config import QuantConfig
 from qpp.sim.model import QuantizedModel
 from qpp.sources import SourceSpec, resolve_source
 from qpp.zoo.base import ZooEntry
+
+#: A model's outputs over the evaluation data (``qpp.api.run``).
+Outputs = torch.Tensor | tuple[torch.Tensor, ...]
 
 
 @dataclass
@@ -115,14 +120,27 @@ def evaluate_quantized(
     reference: torch.Tensor,
     show_progress: bool,
     label: str = "quantized",
-) -> tuple[dict[str, float], float, list[LayerDensity] | None]:
-    """Evaluate, and for Dense+Sparse also the achieved outlier fraction per layer."""
+) -> tuple[dict[str, float], float, list[LayerDensity] | None, Outputs]:
+    """Evaluate, and for Dense+Sparse also the achieved outlier fraction per layer; the
+    model's outputs come last."""
     if activation_qps is None or activation_qps.settings.scheme != "dense-sparse":
-        metrics, _, seconds = evaluate_entry(entry, quantized, reference, show_progress, label)
-        return metrics, seconds, None
+        metrics, outputs, seconds = evaluate_entry(
+            entry, quantized, reference, show_progress, label
+        )
+        return metrics, seconds, None, outputs
     with activation_qps.tracking_density() as layers:
-        metrics, _, seconds = evaluate_entry(entry, quantized, reference, show_progress, label)
-    return metrics, seconds, layers
+        metrics, outputs, seconds = evaluate_entry(
+            entry, quantized, reference, show_progress, label
+        )
+    return metrics, seconds, layers, outputs
+
+
+def evaluation_output_error(outputs: Outputs, reference: Outputs) -> float:
+    """``sum ||y_q - y||^2 / sum ||y||^2`` over every output and evaluation sample: how far
+    the quantized model's outputs are from the float model's. A continuous counterpart of
+    the task metric, which at 8 bits often moves by single samples."""
+    leaves = [[t.double() for t in tree_leaves(o)] for o in (outputs, reference)]
+    return relative_error([leaves[0]], [leaves[1]])
 
 
 def density_summary(layers: list[LayerDensity], target: float) -> dict[str, Any]:
@@ -179,12 +197,13 @@ def compare_modes(
     for mode in ("static", "predicted", "dynamic"):
         activation_qps.set_mode(mode)
         with activation_qps.pairing_qps() as pairs:
-            metrics, seconds, layers = evaluate_quantized(
+            metrics, seconds, layers, outputs = evaluate_quantized(
                 entry, quantized, activation_qps, reference, show_progress, mode
             )
         comparison.pairs.update(pairs)
         row: dict[str, Any] = {
             "metrics": metrics,
+            "output_error": round(evaluation_output_error(outputs, reference), 8),
             "seconds": round(seconds, 3),
             "overhead_flops": cost[mode],
             "overhead_percent": round(100.0 * cost[mode] / max(1, flops), 4),
@@ -276,7 +295,7 @@ def _quantize(
         )
         extra["compare"] = comparison.rows
         activation_qps.set_mode(qp_settings.mode)
-    quantized_metrics, evaluate_seconds, layers = evaluate_quantized(
+    quantized_metrics, evaluate_seconds, layers, _ = evaluate_quantized(
         entry, quantized, activation_qps, fp32_outputs, show_progress
     )
     if layers:
@@ -368,7 +387,7 @@ def eval_job(folder: Path, show_progress: bool = True) -> tuple[JobResult, dict[
         else None
     )
     fp32_metrics, fp32_outputs, _ = evaluate_entry(entry, fp32, None, show_progress, "fp32")
-    quantized_metrics, evaluate_seconds, _ = evaluate_quantized(
+    quantized_metrics, evaluate_seconds, _, _ = evaluate_quantized(
         entry, quantized, activation_qps, fp32_outputs, show_progress
     )
     result = JobResult(

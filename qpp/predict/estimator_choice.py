@@ -83,12 +83,14 @@ def relative_output_error(
 ) -> float:
     """``sum ||y_q - y||^2 / sum ||y||^2`` over every output of ``batches``."""
     with torch.no_grad():
-        return _relative_error((_outputs(model, batch) for batch in batches), reference)
+        return relative_error((_outputs(model, batch) for batch in batches), reference)
 
 
-def _relative_error(
+def relative_error(
     outputs: Iterable[list[torch.Tensor]], reference: Sequence[list[torch.Tensor]]
 ) -> float:
+    """``sum ||y_q - y||^2 / sum ||y||^2`` over the batches' output tensors (each batch a list
+    of tensors, in the same order in ``outputs`` and ``reference``)."""
     error = energy = 0.0
     for actual, expected in zip(outputs, reference, strict=True):
         for value, target in zip(actual, expected, strict=True):
@@ -262,4 +264,4 @@ def suffix_error(
                 before(index)
             yield _float_leaves(segments.outputs(values, cut))
 
-    return _relative_error(outputs(), reference)
+    return relative_error(outputs(), reference)

@@ -49,6 +49,7 @@ def compare_table(compare: dict[str, Any], primary_metric: str) -> Table:
     for column in (
         "mode",
         primary_metric,
+        "output error vs FP32",
         "outlier density (mean ± std over inputs)",
         "overhead (% of model FLOPs)",
         "evaluate (s)",
@@ -59,6 +60,7 @@ def compare_table(compare: dict[str, Any], primary_metric: str) -> Table:
         table.add_row(
             mode,
             _format(row["metrics"][primary_metric]),
+            f"{row['output_error']:.3g}" if "output_error" in row else "-",
             f"{density['mean']:.5f} ± {density['std_over_inputs']:.5f}" if density else "-",
             f"{row['overhead_percent']:.4f}",
             f"{row['seconds']:.1f}",
