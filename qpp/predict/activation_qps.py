@@ -54,7 +54,12 @@ from qpp.predict.qps import (
     parse_scheme,
     predicted_slots,
 )
-from qpp.predict.target_choice import TARGET_SWEEP_BATCHES, refine_targets_per_layer
+from qpp.predict.target_choice import (
+    STATIC_FIT,
+    TARGET_SWEEP_BATCHES,
+    refine_targets_per_layer,
+    static_columns,
+)
 from qpp.quant.dense_sparse import (
     check_outlier_fraction,
     dense_sparse_floor,
@@ -260,8 +265,10 @@ class ActivationQPs:
         """The per-input estimator whose QPs each uniform layer's predictor was fitted to."""
         uniform = [n for n, s in self.samplers.items() if s.scheme is Scheme.UNIFORM]
         if self.layer_targets:
-            return {
-                name: self.layer_targets.get(name, self.samplers[name].estimator)
+            return {  # a layer on its static range is paired with its own per-input ranges
+                name: self.samplers[name].estimator
+                if self.layer_targets.get(name, STATIC_FIT) == STATIC_FIT
+                else self.layer_targets[name]
                 for name in uniform
             }
         if self.target_estimator == PER_LAYER_ESTIMATOR:
@@ -767,7 +774,10 @@ def _refine_targets(
     """``per-layer``: give each uniform layer the columns of whichever fit lowers the
     predicted-mode output error (``qpp.predict.target_choice``), starting from ``best``'s
     fit, installed; then a second sweep from those columns, where every fit, ``best``'s own
-    included, is an alternative again. The layers' offsets and R^2 follow their columns.
+    included, is an alternative again. The static ranges are an alternative in both
+    (``static_columns``): at 8 bits the calibrated range of some layers serves better than
+    any prediction (digits-cnn W8A8, 2026-12-07: 4 of 8 layers; calibration error 8.3e-5 ->
+    7.8e-5). The layers' offsets and R^2 follow their columns; a static layer has neither.
 
     One greedy sweep depends on its path: on ppocr-det W8A4 (2026-12-07) it ended at an error
     of 0.437 on the four batches (box F1 55.16; a morning run of the same settings, 0.308 and
@@ -776,6 +786,7 @@ def _refine_targets(
     base = copy.deepcopy(handle.predictors)  # best's columns, as fitted
     base_offsets, base_r_squared = dict(handle.qp_offsets), dict(handle.fit_r_squared)
     alternatives = {name: state.predictors for name, state in fitted.items() if name != best}
+    alternatives[STATIC_FIT] = static_columns(base, handle.samplers)
     first = refine_targets_per_layer(
         handle.model,
         handle.samplers,
@@ -797,9 +808,17 @@ def _refine_targets(
         show_progress,
     )
     fits = {name: first.fits[name] if fit == _SWEPT else fit for name, fit in second.fits.items()}
-    handle.layer_targets = {name: candidates[fit][name] for name, fit in fits.items()}
+    handle.layer_targets = {
+        name: STATIC_FIT if fit == STATIC_FIT else candidates[fit][name]
+        for name, fit in fits.items()
+    }
     handle.layer_target_errors = (first.start_error, second.error)
     for name, fit in fits.items():
+        if fit == STATIC_FIT:  # no regression and no offset: the calibrated range
+            handle.qp_offsets.pop(name, None)
+            for key in [k for k in handle.fit_r_squared if k.rsplit(":", 1)[0] == name]:
+                del handle.fit_r_squared[key]
+            continue
         offsets, r_squared = (
             (base_offsets, base_r_squared)
             if fit == best
@@ -831,7 +850,11 @@ def _choose_dynamic_mix(
         return
     uniform = {name: handle.samplers[name] for name in handle.layer_targets}
     used = batches[:TARGET_SWEEP_BATCHES]
-    chosen, targets = dict(handle.layer_estimators), dict(handle.layer_targets)
+    chosen = dict(handle.layer_estimators)
+    targets = {  # a layer on its static range runs its own per-input choice when dynamic
+        name: chosen.get(name, handle.samplers[name].estimator) if target == STATIC_FIT else target
+        for name, target in handle.layer_targets.items()
+    }
     mixes = {
         CHOSEN_MIX: chosen,
         "targets": targets,
@@ -1098,7 +1121,7 @@ def _restore_layer_estimators(handle: ActivationQPs, saved: dict[str, Any] | Non
             for name, layer in saved["layers"].items()
             if "target" in layer and name in handle.samplers
         }
-        for estimator in [*chosen.values(), *targets.values()]:
+        for estimator in [*chosen.values(), *(t for t in targets.values() if t != STATIC_FIT)]:
             if estimator in CHOSEN_ESTIMATORS:
                 raise ValueError(f"layer estimator '{estimator}' is not a per-input estimator")
             check_dynamic_estimator(estimator)

@@ -14,7 +14,8 @@ predictor columns of every other fit, with every other layer fixed, and keeps th
 the model's relative output error ``sum ||y_q - y||^2 / sum ||y||^2`` against the float model
 by more than ``PER_LAYER_MIN_GAIN``: the white paper's output-error criterion for ranges (§3.1)
 applied to what the deployed model runs. The chosen columns are written into one set of
-predictors (the base fit's), so the result saves, loads and exports like any fit.
+predictors (the base fit's), so the result saves, loads and exports like any fit. One of the
+alternatives is ``static_columns``: the layer's calibrated range, for every input.
 
 A fit's features are standardized with its own calibration mean ``μ`` and spread ``σ`` (the
 source's values depend on the ranges upstream); columns move between fits exactly, since
@@ -23,6 +24,8 @@ source's values depend on the ranges upstream); columns move between fits exactl
 
 from __future__ import annotations
 
+import copy
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -44,6 +47,10 @@ from qpp.sim.model import QuantizedModel
 #: Calibration batches the sweep runs on (``CHOICE_BATCHES`` at most: the float reference
 #: outputs are kept for those).
 TARGET_SWEEP_BATCHES = 4
+#: The fit name of ``static_columns`` in the sweep and in ``layer_targets``.
+STATIC_FIT = "static"
+#: The least range end a static column holds (a grid end at 0: a side without values).
+RANGE_FLOOR = 1e-12
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,35 @@ def columns_in_basis(
     slopes = weight[1:] * (base_std / std)[:, None]
     intercept = weight[0] + ((base_mean - mean) / std) @ weight[1:]
     return torch.cat([intercept[None, :], slopes]).to(base.weight.dtype)
+
+
+def static_columns(
+    predictors: Sequence[LinearQPPredictor], samplers: Mapping[str, SampleQuantizer]
+) -> list[LinearQPPredictor]:
+    """A fit that predicts each uniform predicted layer's calibrated (static) range for every
+    input: copies of ``predictors`` whose columns of those layers hold ``log(-lo)`` or
+    ``log(hi)`` of the quantizer's static grid as intercept and no slopes (on the
+    ``LOG_RANGE_STEP`` grid once predicted, within 0.4 % of the static range).
+
+    As an alternative in the sweep it lets a layer whose per-input range the cheap features
+    do not predict keep the static range in predicted mode: the per-layer choice then spans
+    static, predicted and mixed models, and a layer takes it only where the model's output
+    error drops."""
+    static = copy.deepcopy(list(predictors))
+    for predictor in static:
+        for column, (name, kind) in enumerate(predictor.targets):
+            sampler = samplers[name]
+            quantizer = sampler.quantizer
+            if sampler.scheme is not Scheme.UNIFORM or sampler.mode is not QPMode.PREDICTED:
+                continue
+            if quantizer.axis is not None:
+                continue  # a per-channel static grid has no single range; the column stays
+            qmin, qmax = quantizer.integer_range
+            zero_point, scale = quantizer.zero_point.double(), quantizer.scale.double()
+            end = (zero_point - qmin) * scale if kind == "lo" else (qmax - zero_point) * scale
+            predictor.weight[0, column] = math.log(max(float(end), RANGE_FLOOR))
+            predictor.weight[1:, column] = 0.0
+    return static
 
 
 def _columns(predictor: LinearQPPredictor, name: str) -> dict[str, int]:

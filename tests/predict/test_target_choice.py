@@ -9,13 +9,15 @@ from torch import nn
 
 from qpp.api import quantize
 from qpp.errors import ConfigError
-from qpp.predict import ActivationQPSettings, configure_activation_qps
+from qpp.predict import ActivationQPSettings, configure_activation_qps, load_activation_qps
 from qpp.predict.estimator_choice import quantization_off, relative_output_error
 from qpp.predict.predictor import LinearQPPredictor
 from qpp.predict.target_choice import (
+    STATIC_FIT,
     TARGET_SWEEP_BATCHES,
     columns_in_basis,
     refine_targets_per_layer,
+    static_columns,
 )
 from qpp.sim.config import QuantConfig
 
@@ -134,3 +136,78 @@ def test_fits_with_other_sources_are_refused() -> None:
             batches,
             reference,
         )
+
+
+def _spoil(predictors: list, layer: str, factor: float) -> None:
+    for predictor in predictors:
+        for column, (name, _) in enumerate(predictor.targets):
+            if name == layer:
+                predictor.weight[0, column] += math.log(factor)
+
+
+def test_static_columns_predict_the_calibrated_range_for_any_input() -> None:
+    """Every uniform predicted layer's static columns give its static grid's ends, to the
+    log-range grid, whatever the features: the sampler's per-input grid is then the static
+    one."""
+    _, handle, _, _ = _predicted(5)
+    static = static_columns(handle.predictors, handle.samplers)  # type: ignore[attr-defined]
+    generator = torch.Generator().manual_seed(3)
+    checked = 0
+    for predictor in static:
+        features = torch.randn(7, len(predictor.feature_names), generator=generator) * 5
+        qps = predictor.predict_qps(features)
+        for column, (name, kind) in enumerate(predictor.targets):
+            quantizer = handle.samplers[name].quantizer  # type: ignore[attr-defined]
+            qmin, qmax = quantizer.integer_range
+            zero_point, scale = float(quantizer.zero_point), float(quantizer.scale)
+            end = (zero_point - qmin) * scale if kind == "lo" else (qmax - zero_point) * scale
+            torch.testing.assert_close(qps[:, column], torch.full((7,), end), rtol=4e-3, atol=0)
+            checked += 1
+    assert checked >= 5
+    # The fitted predictors are left as they were: the static fit is a copy.
+    assert any(p.weight[1:].abs().sum() > 0 for p in handle.predictors)  # type: ignore[attr-defined]
+
+
+def test_a_layer_whose_prediction_is_spoiled_everywhere_takes_its_static_range() -> None:
+    """When every fit predicts one layer's ranges 8 times too wide, the sweep gives that layer
+    the static columns, and the sweep's error is what the model then runs."""
+    model, handle, batches, reference = _predicted(1)
+    layers = [n for p in handle.predictors for n, _ in p.targets]  # type: ignore[attr-defined]
+    spoiled = layers[len(layers) // 2]
+    _spoil(handle.predictors, spoiled, 8.0)  # type: ignore[attr-defined]
+    other = copy.deepcopy(handle.predictors)  # type: ignore[attr-defined]
+    static = static_columns(handle.predictors, handle.samplers)  # type: ignore[attr-defined]
+    choice = refine_targets_per_layer(
+        model,  # type: ignore[arg-type]
+        handle.samplers,  # type: ignore[attr-defined]
+        handle.predictors,  # type: ignore[attr-defined]
+        {"also spoiled": other, STATIC_FIT: static},
+        "spoiled",
+        batches,
+        reference,
+    )
+    assert choice.fits[spoiled] == STATIC_FIT
+    assert choice.error < 0.8 * choice.start_error
+    used = batches[:TARGET_SWEEP_BATCHES]
+    assert relative_output_error(model, used, reference[: len(used)]) == pytest.approx(  # type: ignore[arg-type]
+        choice.error, abs=1e-6
+    )
+
+
+def test_static_layer_targets_save_and_load(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A run whose per-layer choice kept some layers static saves, loads and labels them."""
+    torch.manual_seed(0)
+    net = Deep().eval()
+    batches = _batches(4, 0)
+    model = quantize(net, batches, QuantConfig(activation_bits=4))
+    settings = ActivationQPSettings(mode="predicted", estimator="per-layer")
+    handle = configure_activation_qps(model, batches, settings)
+    assert handle.layer_targets
+    first = next(iter(handle.layer_targets))
+    handle.layer_targets[first] = STATIC_FIT
+    assert "static 1" in str(handle.target_label)
+    assert handle.target_assignment()[first] == handle.samplers[first].estimator
+    handle.save(tmp_path)
+    handle.detach()
+    loaded = load_activation_qps(model, tmp_path, settings)
+    assert loaded.layer_targets == handle.layer_targets
