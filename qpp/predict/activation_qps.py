@@ -851,10 +851,8 @@ def _choose_dynamic_mix(
     uniform = {name: handle.samplers[name] for name in handle.layer_targets}
     used = batches[:TARGET_SWEEP_BATCHES]
     chosen = dict(handle.layer_estimators)
-    targets = {  # a layer on its static range runs its own per-input choice when dynamic
-        name: chosen.get(name, handle.samplers[name].estimator) if target == STATIC_FIT else target
-        for name, target in handle.layer_targets.items()
-    }
+    assignment = handle.target_assignment()  # a static layer: its own per-input choice
+    targets = {name: assignment[name] for name in handle.layer_targets}
     mixes = {
         CHOSEN_MIX: chosen,
         "targets": targets,
