@@ -6,7 +6,9 @@ For each zoo model, in one run, on the zoo entry's calibration and evaluation da
   PWLQ (one breakpoint from ``--search``, default ``auto``: per channel the better of the
   closed-form Gaussian approximation and the L2 search; the official code's non-overlapping
   form), PWLQ with the paper's bias correction (+BC), and +BC followed by the white paper's
-  empirical bias correction on the calibration data (eq. 19); W3A8 also with the
+  empirical bias correction on the calibration data (eq. 19), and PWLQ and PWLQ +BC with the
+  breakpoints judged by each layer's output error on the calibration data (``--breakpoint-
+  objective output``, ours); W3A8 also with the
   coarse-to-fine L2 grid search (+BC, supplement Algorithm 1) and with two breakpoints per
   side (+BC, paper Table 1); W4A8 also with AdaRound on the uniform grid
   (``--adaround-iterations``, 0 leaves it out);
@@ -73,6 +75,9 @@ ADAROUND_SAMPLES = 32
 SPLIT_ABOVE = 0.015
 #: The label of the rows with the white paper's empirical bias correction on top of +BC.
 EMPIRICAL_BC = "empirical bias correction"
+#: The label of the rows whose breakpoints minimise each layer's output error on the
+#: calibration data (``PiecewiseSpec(objective="output")``, ours) instead of the weight error.
+OUTPUT_OBJECTIVE = "output objective"
 STARTED = time.perf_counter()
 
 
@@ -96,6 +101,10 @@ def variants(search: str, adaround_iterations: int) -> list[Variant]:
     searched = PiecewiseSpec(search="grid", bias_correction=True)
     two = PiecewiseSpec(search=search, breakpoints=2, bias_correction=True)
     split = PiecewiseSpec(search=search, bias_correction=True, split_above=SPLIT_ABOVE)
+    on_output = {
+        corrected: PiecewiseSpec(search=search, bias_correction=corrected, objective="output")
+        for corrected in (False, True)
+    }
     rows = []
     for bits in (4, 3):
         group = f"W{bits}A8"
@@ -120,6 +129,14 @@ def variants(search: str, adaround_iterations: int) -> list[Variant]:
                     piecewise=corrected,
                     empirical_bias_correction=True,
                 ),
+            ),
+            *(
+                Variant(
+                    f"{group} PWLQ{' +BC' if corrected else ''}, {OUTPUT_OBJECTIVE}",
+                    group,
+                    QuantConfig(weight_bits=bits, weight_quantizer="pwlq", piecewise=spec),
+                )
+                for corrected, spec in on_output.items()
             ),
         ]
         if bits == 4 and adaround_iterations:
@@ -364,6 +381,21 @@ def verdict(name: str, primary: str, rows: list[Row], higher: bool) -> str:
         if empirical is not None:
             beats = sign * (empirical.metrics[primary] - plain.metrics[primary]) > 0
             claims[-1] += f", +BC and {EMPIRICAL_BC} better still {'yes' if beats else 'NO'}"
+        on_output = by_label.get(f"{group} PWLQ, {OUTPUT_OBJECTIVE}")
+        corrected_on_output = by_label.get(f"{group} PWLQ +BC, {OUTPUT_OBJECTIVE}")
+        if on_output is not None and corrected_on_output is not None:
+            every_layer = all(
+                on_output.weight_mse[k] < uniform.weight_mse[k] for k in uniform.weight_mse
+            )
+            better = sign * (on_output.metrics[primary] - uniform.metrics[primary]) > 0
+            bc_better = (
+                sign * (corrected_on_output.metrics[primary] - on_output.metrics[primary]) > 0
+            )
+            claims[-1] += (
+                f"; {group} with the {OUTPUT_OBJECTIVE}: weight MSE lower on every layer "
+                f"{'yes' if every_layer else 'NO'}, metric better than uniform "
+                f"{'yes' if better else 'NO'}, +BC better still {'yes' if bc_better else 'NO'}"
+            )
     split_label = f"W3A8 PWLQ +BC, 2 breakpoints above {SPLIT_ABOVE:.1%} error"
     for label in ("W3A8 PWLQ grid search +BC", split_label, "W3A8 PWLQ 2 breakpoints +BC"):
         row = by_label.get(label)
@@ -455,6 +487,10 @@ search on each channel's L2 error (supplement Algorithm 1). "2 breakpoints": `--
 bits per weight. "2 breakpoints above {SPLIT_ABOVE:.1%} error": `--split-above {SPLIT_ABOVE}`,
 one breakpoint, but two on the layers whose relative squared weight error with one is above
 {SPLIT_ABOVE:.1%} (ours, not the paper's; "bits / weight" counts their second region bit).
+"{OUTPUT_OBJECTIVE}": `--breakpoint-objective output` (ours, not the paper's): the same
+searches judge each channel's breakpoint by the layer's mean squared output error on the
+calibration data, `(ŵ - w)ᵀ E[x xᵀ] (ŵ - w)` with the float model's inputs x, instead of the
+weight error `||ŵ - w||²` (after +BC in the "+BC" row).
 W4A4 PWLQ adds `--activation-quantizer pwlq`: {ACTIVATION_TEXT[search]}.
 {adaround_text} "bits / weight" is the stored cost: PWLQ stores
 its region index (1 bit for one breakpoint, 2 for two) on top of the b-bit value. "gap / uniform

@@ -13,6 +13,7 @@ from qpp.graph.placement import place_quantizers
 from qpp.predict import configure_activation_qps, settings_from_config
 from qpp.ptq.activations import data_positions, real_positions
 from qpp.ptq.bias_correction import BiasCorrectionConfig, BiasCorrectionReport, bias_correction
+from qpp.ptq.input_moments import compute_weight_encodings
 from qpp.report.progress import progress
 from qpp.sim.config import QuantConfig
 from qpp.sim.model import QuantizedModel
@@ -63,8 +64,10 @@ def calibrate(
     observers = (
         [q for q in model.select(kind="activation") if q.axis is None] if real_tokens_only else []
     )
+    if weights:
+        compute_weight_encodings(model, batches, show_progress)
     try:
-        with torch.no_grad(), model.calibration(weights):
+        with torch.no_grad(), model.calibration(weights=False):
             for batch in progress(batches, "calibrate", show_progress):
                 mask = data_positions(batch)
                 for quantizer in observers:
@@ -84,7 +87,7 @@ def calibrate_and_correct(
     if not model.config.empirical_bias_correction:
         calibrate(model, batches, show_progress)
         return None
-    model.compute_weight_encodings()
+    compute_weight_encodings(model, batches, show_progress)
     report = bias_correction(model, batches, BiasCorrectionConfig("empirical"), show_progress)
     calibrate(model, batches, show_progress, weights=False)
     return report

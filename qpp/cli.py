@@ -237,6 +237,14 @@ def quantize(
     breakpoint_search: Annotated[
         str | None, typer.Option(help="PWLQ breakpoint: auto (default), approx, bisection or grid")
     ] = None,
+    breakpoint_objective: Annotated[
+        str | None,
+        typer.Option(
+            help="PWLQ weights, what auto/grid searches minimise per channel: weight (the "
+            "paper's L2 error, default) or output (the layer's output error on the "
+            "calibration data; ours; --bias-correction then fits each channel's shift to it)"
+        ),
+    ] = None,
     breakpoint_distribution: Annotated[
         str | None,
         typer.Option(
@@ -297,6 +305,7 @@ def quantize(
             form=pwlq_form,
             bias_correction=bias_correction or None,
             split_above=split_above,
+            objective=breakpoint_objective,
         )
         quant_config = QuantConfig(
             weight_bits=weights,
@@ -335,20 +344,32 @@ def quantize(
     _show(result.as_dict(), json_output, f"qpp quantize {model}")
 
 
+#: ``PiecewiseSpec`` field -> the ``qpp quantize`` flag that sets it.
+_PIECEWISE_FLAGS = {
+    "breakpoints": "--breakpoints",
+    "search": "--breakpoint-search",
+    "distribution": "--breakpoint-distribution",
+    "form": "--pwlq-form",
+    "bias_correction": "--bias-correction",
+    "split_above": "--split-above",
+    "objective": "--breakpoint-objective",
+}
+
+
 def _piecewise_spec(weight_quantizer: str, activation_quantizer: str, **given: Any) -> Any:
     """The PWLQ settings from the flags given; they need a pwlq quantizer to act on."""
     from qpp.quant.spec import PiecewiseSpec
 
     settings = {key: value for key, value in given.items() if value is not None}
     if settings and "pwlq" not in (weight_quantizer, activation_quantizer):
-        flags = ", ".join(f"--{key.replace('_', '-')}" for key in settings)
+        flags = ", ".join(_PIECEWISE_FLAGS.get(key, key) for key in settings)
         raise ConfigError(
             f"{flags} only apply to PWLQ; add --weight-quantizer pwlq "
             "(or --activation-quantizer pwlq)"
         )
-    for key in ("bias_correction", "split_above"):
+    for key in ("bias_correction", "split_above", "objective"):
         if settings.get(key) and weight_quantizer != "pwlq":
-            flag = "--" + key.replace("_", "-")
+            flag = _PIECEWISE_FLAGS[key]
             raise ConfigError(f"{flag} applies to PWLQ weights; add --weight-quantizer pwlq")
     return PiecewiseSpec(**settings)
 

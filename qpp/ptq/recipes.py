@@ -27,6 +27,7 @@ from qpp.ptq.activations import Batch, data_positions
 from qpp.ptq.adaround import AdaRoundConfig, adaround
 from qpp.ptq.bias_correction import BiasCorrectionConfig, bias_correction
 from qpp.ptq.cle import CLEConfig, cross_layer_equalization
+from qpp.ptq.input_moments import compute_weight_encodings
 from qpp.ptq.lookups import LookupConfig, quantize_lookups
 from qpp.sim.config import RECIPE_ADAROUND_ITERATIONS, RECIPES
 from qpp.sim.model import QuantizedModel
@@ -91,7 +92,7 @@ def white_paper_ptq(
         started = time.perf_counter()
         step("lookups", started, quantize_lookups(qmodel, data, LookupConfig()))
     started = time.perf_counter()
-    qmodel.compute_weight_encodings()
+    compute_weight_encodings(qmodel, data, show_progress)
     step("weight_ranges", started, None)
     if config.adaround_iterations > 0 and data:
         started = time.perf_counter()

@@ -28,6 +28,12 @@ class PiecewiseSpec:
     weight error ``||ŵ - w||² / ||w||²`` with ``breakpoints`` per side is above this gets one
     more breakpoint per side (supplement eq. 1), paying one more region bit per weight; 0
     (default): never. Heavy-tailed layers are the ones a single breakpoint leaves coarse.
+    ``objective``: weights only, what the ``auto`` and ``grid`` searches minimise per channel:
+    ``weight`` (default, the paper), the squared weight error ``||ŵ - w||²``; ``output`` (ours,
+    not the paper's), the layer's mean squared output error ``(ŵ - w)ᵀ E[x xᵀ] (ŵ - w)`` on
+    the calibration data (``qpp.ptq.input_moments``), which also counts the mean output
+    shift that a weight error causes on inputs with a non-zero mean; "+BC" is then the
+    per-channel weight shift that minimises that error (``output_bias_correction``).
     """
 
     form: str = "non-overlapping"
@@ -36,11 +42,17 @@ class PiecewiseSpec:
     distribution: str = "gaussian"
     bias_correction: bool = False
     split_above: float = 0.0
+    objective: str = "weight"
 
     def __post_init__(self) -> None:
-        from qpp.quant.pwl import DISTRIBUTIONS, FORMS, MAX_BREAKPOINTS, SEARCHES
+        from qpp.quant.pwl import DISTRIBUTIONS, FORMS, MAX_BREAKPOINTS, OBJECTIVES, SEARCHES
 
-        choices = {"form": FORMS, "search": SEARCHES, "distribution": DISTRIBUTIONS}
+        choices = {
+            "form": FORMS,
+            "search": SEARCHES,
+            "distribution": DISTRIBUTIONS,
+            "objective": OBJECTIVES,
+        }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(

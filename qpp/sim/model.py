@@ -233,9 +233,19 @@ class QuantizedModel(torch.nn.Module):
 
     # --- calibration ----------------------------------------------------------------------------
 
-    def compute_weight_encodings(self) -> None:
+    def compute_weight_encodings(
+        self, input_moments: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """Every weight quantizer's encoding from its weight; ``input_moments`` (weight attribute
+        path -> that layer's ``E[x xᵀ]``, ``qpp.ptq.input_moments``) goes to the quantizers of
+        those weights, for an output-error objective."""
+        moments = input_moments or {}
         for quantizer, weight in self.weight_quantizers():
-            quantizer.compute_weight_encoding(weight)
+            moment = moments.get(self.weight_target(quantizer.name))
+            if moment is None:
+                quantizer.compute_weight_encoding(weight)
+            else:
+                quantizer.compute_weight_encoding(weight, moment)
 
     @contextmanager
     def calibration(self, weights: bool = True) -> Iterator[None]:

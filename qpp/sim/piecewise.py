@@ -32,6 +32,8 @@ from qpp.quant.pwl import (
     floored_histogram_search,
     histogram_error,
     joint_histogram_search,
+    output_bias_correction,
+    output_errors,
     row_errors,
 )
 from qpp.quant.ranges import activation_range
@@ -80,13 +82,32 @@ class PiecewiseQuantizer(Quantizer):
 
     # --- encodings ----------------------------------------------------------------------------
 
-    def compute_weight_encoding(self, weight: torch.Tensor) -> None:
+    def compute_weight_encoding(
+        self, weight: torch.Tensor, input_moment: torch.Tensor | None = None
+    ) -> None:
         """``m = max|w|`` and the breakpoints per channel; one more breakpoint per side while
-        the relative error is above ``split_above``; then "+BC" if the spec asks."""
+        the relative error is above ``split_above``; then "+BC" if the spec asks.
+
+        ``input_moment``: the layer's ``E[x xᵀ]`` (``qpp.ptq.input_moments``); the searches
+        then judge breakpoints by the layer's output error instead of the weight error, and
+        "+BC" is the per-channel weight shift fitted to that error."""
         rows = channels_first(weight, self.axis)
         settings = self.settings
+        if input_moment is not None and (
+            self.axis is None or input_moment.shape[-1] != rows.shape[1]
+        ):
+            raise ConfigError(
+                f"quantizer '{self.name}': the output-error objective needs per-channel weights "
+                f"whose rows match the layer's inputs ({tuple(rows.shape)} rows, input moments "
+                f"{tuple(input_moment.shape)})"
+            )
         count = settings.breakpoints
-        norm = float(rows.double().square().sum().clamp(min=1e-30))
+        # ||w||², or the layer's output energy E[(wᵀx)²] under the output-error objective
+        if input_moment is None:
+            energy = rows.double().square().sum()
+        else:
+            energy = output_errors(rows.double(), input_moment).sum()
+        norm = float(energy.clamp(min=1e-30))
         while True:
             grid = choose_breakpoints(
                 rows,
@@ -96,16 +117,22 @@ class PiecewiseQuantizer(Quantizer):
                 settings.search,
                 settings.distribution,
                 bias_correction=settings.bias_correction,
+                gram=input_moment,
             )
             if settings.split_above <= 0 or count >= MAX_BREAKPOINTS:
                 break
-            error = float(row_errors(grid, rows.float(), settings.bias_correction).sum()) / norm
+            errors = row_errors(grid, rows.float(), settings.bias_correction, input_moment)
+            error = float(errors.sum()) / norm
             if error <= settings.split_above:
                 break
             count += 1
         shift = gain = torch.zeros(0)
         if settings.bias_correction:
-            shift, gain = bias_correction(rows, grid.quantize_rows(rows))
+            quantized = grid.quantize_rows(rows)
+            if input_moment is None:
+                shift, gain = bias_correction(rows, quantized)
+            else:
+                shift, gain = output_bias_correction(rows, quantized, input_moment)
         self.set_piecewise(grid, shift, gain)
 
     def start_observing(self) -> None:

@@ -7,7 +7,7 @@ from enum import StrEnum
 
 import torch
 
-from qpp.errors import EncodingsError
+from qpp.errors import ConfigError, EncodingsError
 from qpp.quant.affine import (
     IntegerTensor,
     choose_qparams,
@@ -140,8 +140,15 @@ class Quantizer(torch.nn.Module):
         self._statistics = {}
         self._plateaus = None
 
-    def compute_weight_encoding(self, weight: torch.Tensor) -> None:
-        """Set scale and zero point from the weight tensor itself (no data needed)."""
+    def compute_weight_encoding(
+        self, weight: torch.Tensor, input_moment: torch.Tensor | None = None
+    ) -> None:
+        """Set scale and zero point from the weight tensor itself (no data needed).
+        ``input_moment`` (an output-error objective) is for PWLQ weights only."""
+        if input_moment is not None:
+            raise ConfigError(
+                f"quantizer '{self.name}': only PWLQ weights take an output-error objective"
+            )
         lo, hi = weight_range(weight.detach(), self.axis, self.spec.estimator, self.grid)
         self.set_range(lo, hi)
 

@@ -122,3 +122,27 @@ def test_empirical_bias_correction_flag_corrects_biases_and_reproduces(
         "empirical_bias_correction",
         "recipe",
     )
+
+
+def test_output_objective_flag_saves_and_reproduces(qpp, user_error, tmp_path: Path) -> None:
+    """``--breakpoint-objective output``: breakpoints on each layer's output error (calibration
+    data); the setting is saved, and the run reproduces and exports with parity."""
+    folder = tmp_path / "run"
+    result = qpp(
+        "quantize", "digits-cnn", "--weights", "3", "--weight-quantizer", "pwlq",
+        "--breakpoint-objective", "output", "--json", "--quiet", "--out", folder,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["config"]["piecewise"]["objective"] == "output"
+    assert report["metrics"]["quantized"]["top1"] >= report["metrics"]["fp32"]["top1"] - 3
+    reproduce_and_export(qpp, folder, tmp_path / "output.onnx")
+    user_error(
+        qpp("quantize", "digits-cnn", "--breakpoint-objective", "output"),
+        "--breakpoint-objective",
+        "--weight-quantizer pwlq",
+    )
+    unknown = qpp(
+        "quantize", "digits-cnn", "--weight-quantizer", "pwlq", "--breakpoint-objective", "loss"
+    )
+    user_error(unknown, "loss", "weight, output")
