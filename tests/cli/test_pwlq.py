@@ -126,15 +126,21 @@ def test_empirical_bias_correction_flag_corrects_biases_and_reproduces(
 
 def test_output_objective_flag_saves_and_reproduces(qpp, user_error, tmp_path: Path) -> None:
     """``--breakpoint-objective output``: breakpoints on each layer's output error (calibration
-    data); the setting is saved, and the run reproduces and exports with parity."""
+    data), and +BC's per-channel shift fitted to it (gain 1); the setting is saved, and the run
+    reproduces and exports with parity."""
     folder = tmp_path / "run"
     result = qpp(
         "quantize", "digits-cnn", "--weights", "3", "--weight-quantizer", "pwlq",
-        "--breakpoint-objective", "output", "--json", "--quiet", "--out", folder,
+        "--breakpoint-objective", "output", "--bias-correction", "--json", "--quiet",
+        "--out", folder,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["config"]["piecewise"]["objective"] == "output"
+    encodings = json.loads((folder / "encodings.json").read_text())
+    corrections = [e["piecewise"] for e in encodings.values() if e["kind"] == "weight"]
+    assert all(set(c["correction_gain"]) == {1.0} for c in corrections)
+    assert any(any(shift != 0 for shift in c["correction_shift"]) for c in corrections)
     assert report["metrics"]["quantized"]["top1"] >= report["metrics"]["fp32"]["top1"] - 3
     reproduce_and_export(qpp, folder, tmp_path / "output.onnx")
     user_error(
