@@ -490,7 +490,8 @@ one breakpoint, but two on the layers whose relative squared weight error with o
 "{OUTPUT_OBJECTIVE}": `--breakpoint-objective output` (ours, not the paper's): the same
 searches judge each channel's breakpoint by the layer's mean squared output error on the
 calibration data, `(ŵ - w)ᵀ E[x xᵀ] (ŵ - w)` with the float model's inputs x, instead of the
-weight error `||ŵ - w||²` (after +BC in the "+BC" row).
+weight error `||ŵ - w||²`; in its "+BC" row, +BC is the per-channel constant weight shift that
+minimises that output error (gain 1), not the paper's match of the weights' mean and std.
 W4A4 PWLQ adds `--activation-quantizer pwlq`: {ACTIVATION_TEXT[search]}.
 {adaround_text} "bits / weight" is the stored cost: PWLQ stores
 its region index (1 bit for one breakpoint, 2 for two) on top of the b-bit value. "gap / uniform
