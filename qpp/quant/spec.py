@@ -67,6 +67,11 @@ class PiecewiseSpec:
                 f"PWLQ split_above is a relative squared error in [0, 1), got "
                 f"{self.split_above!r}; e.g. 0.015 splits layers above 1.5 %"
             )
+        if self.objective == "output" and self.search not in ("auto", "grid"):
+            raise ConfigError(
+                f"the output-error objective steers the breakpoint searches; --breakpoint-search "
+                f"{self.search} has none: use auto or grid, or --breakpoint-objective weight"
+            )
         if self.search == "approx" and self.distribution == "empirical":
             raise ConfigError(
                 "the approximate breakpoint assumes a gaussian or laplacian distribution; "

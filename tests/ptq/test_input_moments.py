@@ -117,6 +117,8 @@ def test_output_objective_needs_data_and_pwlq_weights() -> None:
         quantizer.compute_weight_encoding(weight, torch.eye(8)[None])
     with pytest.raises(ConfigError, match="objective"):
         PiecewiseSpec(objective="activation")
+    with pytest.raises(ConfigError, match="use auto or grid"):
+        PiecewiseSpec(objective="output", search="approx")
 
 
 def test_output_bias_correction_is_the_least_squares_shift_on_the_outputs() -> None:
