@@ -242,10 +242,7 @@ class QuantizedModel(torch.nn.Module):
         moments = input_moments or {}
         for quantizer, weight in self.weight_quantizers():
             moment = moments.get(self.weight_target(quantizer.name))
-            if moment is None:
-                quantizer.compute_weight_encoding(weight)
-            else:
-                quantizer.compute_weight_encoding(weight, moment)
+            quantizer.compute_weight_encoding(weight, moment)
 
     @contextmanager
     def calibration(self, weights: bool = True) -> Iterator[None]:
