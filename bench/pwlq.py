@@ -358,6 +358,18 @@ def model_table(
     return "\n".join(lines)
 
 
+def chain(uniform: Row, plain: Row, corrected: Row, primary: str, sign: float) -> str:
+    """The issue's chain for one PWLQ row and its +BC row against the uniform baseline."""
+    every_layer = all(plain.weight_mse[k] < uniform.weight_mse[k] for k in uniform.weight_mse)
+    better = sign * (plain.metrics[primary] - uniform.metrics[primary]) > 0
+    bc_better = sign * (corrected.metrics[primary] - plain.metrics[primary]) > 0
+    return (
+        f"weight MSE lower on every layer {'yes' if every_layer else 'NO'}, "
+        f"metric better than uniform {'yes' if better else 'NO'}, "
+        f"+BC better still {'yes' if bc_better else 'NO'}"
+    )
+
+
 def verdict(name: str, primary: str, rows: list[Row], higher: bool) -> str:
     """The issue's claims, checked on one model's numbers."""
     sign = 1.0 if higher else -1.0
@@ -369,14 +381,7 @@ def verdict(name: str, primary: str, rows: list[Row], higher: bool) -> str:
         if plain is None or corrected is None:
             claims.append(f"{group}: PWLQ or PWLQ +BC skipped in this run")
             continue
-        every_layer = all(plain.weight_mse[k] < uniform.weight_mse[k] for k in uniform.weight_mse)
-        better = sign * (plain.metrics[primary] - uniform.metrics[primary]) > 0
-        bc_better = sign * (corrected.metrics[primary] - plain.metrics[primary]) > 0
-        claims.append(
-            f"{group}: weight MSE lower on every layer {'yes' if every_layer else 'NO'}, "
-            f"metric better than uniform {'yes' if better else 'NO'}, "
-            f"+BC better still {'yes' if bc_better else 'NO'}"
-        )
+        claims.append(f"{group}: " + chain(uniform, plain, corrected, primary, sign))
         empirical = by_label.get(f"{group} PWLQ +BC, {EMPIRICAL_BC}")
         if empirical is not None:
             beats = sign * (empirical.metrics[primary] - plain.metrics[primary]) > 0
@@ -384,17 +389,8 @@ def verdict(name: str, primary: str, rows: list[Row], higher: bool) -> str:
         on_output = by_label.get(f"{group} PWLQ, {OUTPUT_OBJECTIVE}")
         corrected_on_output = by_label.get(f"{group} PWLQ +BC, {OUTPUT_OBJECTIVE}")
         if on_output is not None and corrected_on_output is not None:
-            every_layer = all(
-                on_output.weight_mse[k] < uniform.weight_mse[k] for k in uniform.weight_mse
-            )
-            better = sign * (on_output.metrics[primary] - uniform.metrics[primary]) > 0
-            bc_better = (
-                sign * (corrected_on_output.metrics[primary] - on_output.metrics[primary]) > 0
-            )
-            claims[-1] += (
-                f"; {group} with the {OUTPUT_OBJECTIVE}: weight MSE lower on every layer "
-                f"{'yes' if every_layer else 'NO'}, metric better than uniform "
-                f"{'yes' if better else 'NO'}, +BC better still {'yes' if bc_better else 'NO'}"
+            claims[-1] += f"; {group} with the {OUTPUT_OBJECTIVE}: " + chain(
+                uniform, on_output, corrected_on_output, primary, sign
             )
     split_label = f"W3A8 PWLQ +BC, 2 breakpoints above {SPLIT_ABOVE:.1%} error"
     for label in ("W3A8 PWLQ grid search +BC", split_label, "W3A8 PWLQ 2 breakpoints +BC"):

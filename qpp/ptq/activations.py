@@ -13,7 +13,10 @@ import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch.fx import GraphModule, Node
+
+from qpp.graph.patterns import WeightLayer
 
 Batch = Sequence[torch.Tensor]
 Watcher = Callable[[Node, tuple[object, ...], object], None]
@@ -89,3 +92,23 @@ def reduce_channels(value: torch.Tensor, axis: int, how: str) -> torch.Tensor:
     if how == "max":
         return flat.amax(0)
     return flat.double().sum(0)
+
+
+def layer_rows(layer: WeightLayer, x: torch.Tensor, kernel: tuple[int, ...]) -> torch.Tensor:
+    """The layer input as rows that multiply the flattened weight: tokens for a linear,
+    receptive-field patches (``unfold``) for a conv."""
+    if not layer.is_conv:
+        return x.reshape(-1, x.shape[-1])
+    dims = len(kernel)
+    pad, stride, dilation = (
+        _per_dim(v, dims) for v in (layer.padding, layer.stride, layer.dilation)
+    )
+    if x.ndim == 3:  # conv1d as a conv2d of height 1
+        x = x.unsqueeze(2)
+        kernel, pad, stride, dilation = (1, *kernel), (0, *pad), (1, *stride), (1, *dilation)
+    patches = F.unfold(x, kernel, dilation=dilation, padding=pad, stride=stride)
+    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+
+def _per_dim(values: tuple[int, ...], dims: int) -> tuple[int, ...]:
+    return values * dims if len(values) == 1 else values

@@ -45,13 +45,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from qpp.api import limit_samples
 from qpp.errors import ConfigError
 from qpp.graph.patterns import WeightLayer, activation_after, get_attr, weight_layers
-from qpp.ptq.activations import Batch, Recorder, data_positions
+from qpp.ptq.activations import Batch, Recorder, data_positions, layer_rows
 from qpp.ptq.adaround_solver import (
     GAMMA,
     ZETA,
@@ -207,26 +206,6 @@ class WeightGrid:
         """On-grid weight for ``⌊W/s⌋ + offset``, computed as the quantizer dequantizes."""
         integer = torch.clamp(integer_offset + self.zero_point, self.qmin, self.qmax)
         return dequantize(integer, self.scale, self.zero_point)
-
-
-def layer_rows(layer: WeightLayer, x: torch.Tensor, kernel: tuple[int, ...]) -> torch.Tensor:
-    """The layer input as rows that multiply the flattened weight: tokens for a linear,
-    receptive-field patches (``unfold``) for a conv."""
-    if not layer.is_conv:
-        return x.reshape(-1, x.shape[-1])
-    dims = len(kernel)
-    pad, stride, dilation = (
-        _per_dim(v, dims) for v in (layer.padding, layer.stride, layer.dilation)
-    )
-    if x.ndim == 3:  # conv1d as a conv2d of height 1
-        x = x.unsqueeze(2)
-        kernel, pad, stride, dilation = (1, *kernel), (0, *pad), (1, *stride), (1, *dilation)
-    patches = F.unfold(x, kernel, dilation=dilation, padding=pad, stride=stride)
-    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
-
-
-def _per_dim(values: tuple[int, ...], dims: int) -> tuple[int, ...]:
-    return values * dims if len(values) == 1 else values
 
 
 def rows_output(rows: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:

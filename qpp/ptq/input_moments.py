@@ -14,39 +14,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from qpp.errors import ConfigError
-from qpp.graph.patterns import WeightLayer, weight_layers
-from qpp.ptq.activations import Batch, Recorder, data_positions
+from qpp.graph.patterns import weight_layers
+from qpp.ptq.activations import Batch, Recorder, data_positions, layer_rows
 from qpp.ptq.bias_correction import float_model
 from qpp.report.progress import progress
 from qpp.sim.model import QuantizedModel
-
-
-def _spread(values: tuple[int, ...], dims: int) -> tuple[int, ...]:
-    """A conv argument per spatial dim (the graph keeps a single value for all of them)."""
-    return values * dims if len(values) == 1 else values
-
-
-def _conv_patches(layer: WeightLayer, x: torch.Tensor, kernel: tuple[int, ...]) -> torch.Tensor:
-    """``[G, D, L]``: im2col patches in the order of ``weight.reshape(C_out, -1)``, per group."""
-    dims = x.ndim - 2
-    if dims not in (1, 2):
-        raise ConfigError(
-            f"layer '{layer.name}' is a {dims}-D convolution; output-error objectives "
-            "support conv1d, conv2d and linear layers"
-        )
-    stride, padding, dilation = (
-        _spread(values, dims) for values in (layer.stride, layer.padding, layer.dilation)
-    )
-    if dims == 1:  # a 2-D unfold with a kernel of height 1
-        x, kernel = x[:, :, None], (1, *kernel)
-        stride, padding, dilation = (1, *stride), (0, *padding), (1, *dilation)
-    columns = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
-    batch, width, positions = columns.shape
-    grouped = columns.reshape(batch, layer.groups, width // layer.groups, positions)
-    return grouped.permute(1, 2, 0, 3).reshape(layer.groups, width // layer.groups, -1)
 
 
 @torch.no_grad()
@@ -74,15 +48,20 @@ def input_moments(
         x, weight = args[0], args[1]
         assert isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor)
         x = x.detach().float()
-        if layer.is_conv:
-            columns = _conv_patches(layer, x, tuple(weight.shape[2:]))
-        else:
-            if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
-                x = x[mask]
-            columns = x.reshape(-1, x.shape[-1]).T[None]
+        if layer.is_conv and x.ndim not in (3, 4):
+            raise ConfigError(
+                f"layer '{layer.name}' is a {x.ndim - 2}-D convolution; output-error objectives "
+                "support conv1d, conv2d and linear layers"
+            )
+        if not layer.is_conv and mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+            x = x[mask]
+        rows = layer_rows(layer, x, tuple(weight.shape[2:]))  # [L, G·D]
+        columns = rows.T.reshape(layer.groups, -1, rows.shape[0])  # [G, D, L]
+        if layer.is_conv:  # the float32 sum rounds by layout; this is the one measured with
+            columns = columns.contiguous()
         moment = torch.einsum("gdl,gel->gde", columns, columns).double()
         sums[layer.name] = sums.get(layer.name, 0) + moment
-        counts[layer.name] = counts.get(layer.name, 0) + columns.shape[-1]
+        counts[layer.name] = counts.get(layer.name, 0) + rows.shape[0]
 
     with float_model(qmodel):
         recorder = Recorder(qmodel.graph_module, {name: watch for name in layers})
