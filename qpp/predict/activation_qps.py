@@ -45,11 +45,13 @@ from qpp.predict.qps import (
     AUTO_ESTIMATOR,
     CHOSEN_ESTIMATORS,
     PER_LAYER_ESTIMATOR,
+    STATIC_ESTIMATOR,
     QPMode,
     SampleQPs,
     SampleQuantizer,
     Scheme,
     check_dynamic_estimator,
+    check_layer_estimator,
     parse_mode,
     parse_scheme,
     predicted_slots,
@@ -369,10 +371,12 @@ class ActivationQPs:
     def overhead_flops(self, batch: Batch) -> dict[str, int]:
         """Per-sample operations that choosing QPs adds: the predictors (features + linear map)
         and, for comparison, the dynamic scheme's reductions (min and max, or a quantile
-        selection, over every quantized activation: ~2 operations per element)."""
+        selection, over every quantized activation that dynamic mode does not run on its static
+        range: ~2 operations per element)."""
         sizes = sample_sizes(self.model, batch)
         predictor = sum(p.flops(sizes.get(p.source, 0)) for p in self.predictors)
-        return {"predictor": predictor, "dynamic": 2 * sum(sizes[name] for name in self.samplers)}
+        reduced = [n for n, s in self.samplers.items() if s.estimator != STATIC_ESTIMATOR]
+        return {"predictor": predictor, "dynamic": 2 * sum(sizes[name] for name in reduced)}
 
     # --- persistence ------------------------------------------------------------------------
 
@@ -851,8 +855,12 @@ def _choose_dynamic_mix(
     uniform = {name: handle.samplers[name] for name in handle.layer_targets}
     used = batches[:TARGET_SWEEP_BATCHES]
     chosen = dict(handle.layer_estimators)
-    assignment = handle.target_assignment()  # a static layer: its own per-input choice
-    targets = {name: assignment[name] for name in handle.layer_targets}
+    # A layer that predicted mode keeps on its static range runs it here too: the mix is the
+    # exact counterpart of predicted mode, prediction error aside.
+    targets = {
+        name: STATIC_ESTIMATOR if target == STATIC_FIT else target
+        for name, target in handle.layer_targets.items()
+    }
     mixes = {
         CHOSEN_MIX: chosen,
         "targets": targets,
@@ -1122,7 +1130,7 @@ def _restore_layer_estimators(handle: ActivationQPs, saved: dict[str, Any] | Non
         for estimator in [*chosen.values(), *(t for t in targets.values() if t != STATIC_FIT)]:
             if estimator in CHOSEN_ESTIMATORS:
                 raise ValueError(f"layer estimator '{estimator}' is not a per-input estimator")
-            check_dynamic_estimator(estimator)
+            check_layer_estimator(estimator)
         handle.per_layer_errors = _error_pair(saved.get("per_layer_errors"))
         handle.layer_target_errors = _error_pair(saved.get("layer_target_errors"))
         handle.dynamic_mix_errors, handle.dynamic_mix = _dynamic_mix(saved)

@@ -72,6 +72,10 @@ AUTO_ESTIMATOR = "auto"
 PER_LAYER_ESTIMATOR = "per-layer"
 #: The estimator settings that are chosen on calibration data.
 CHOSEN_ESTIMATORS = (AUTO_ESTIMATOR, PER_LAYER_ESTIMATOR)
+#: A layer's "per-input" range that is its calibrated static range for every input: the exact
+#: counterpart, in ``dynamic`` mode, of a layer that predicted mode keeps on its static range
+#: (``qpp.predict.target_choice.static_columns``). A layer's estimator only, never a setting.
+STATIC_ESTIMATOR = "static"
 
 
 def resolve_dynamic_estimator(estimator: str, bits: int) -> str:
@@ -84,6 +88,12 @@ def resolve_dynamic_estimator(estimator: str, bits: int) -> str:
 def check_dynamic_estimator(estimator: str) -> None:
     if estimator in CHOSEN_ESTIMATORS:
         return
+    if estimator == STATIC_ESTIMATOR:
+        raise ConfigError(
+            f"estimator '{estimator}' is not a per-input range; for static ranges use "
+            "--activation-ranges static, otherwise auto, per-layer, minmax, percentile[:P] or "
+            "mse[:p]"
+        )
     name, _ = parse_estimator(estimator)
     if name not in DYNAMIC_ESTIMATORS:
         raise ConfigError(
@@ -149,8 +159,31 @@ def search_columns(columns: int) -> torch.Tensor:
     return column_subset(columns, MSE_SEARCH_COLUMNS)
 
 
+def check_layer_estimator(estimator: str) -> None:
+    """A layer's dynamic estimator: a per-input one, or ``STATIC_ESTIMATOR``."""
+    if estimator != STATIC_ESTIMATOR:
+        check_dynamic_estimator(estimator)
+
+
+def static_range(quantizer: Quantizer) -> tuple[float, float]:
+    """The ends ``(lo, hi)`` of a per-tensor quantizer's calibrated grid."""
+    if quantizer.axis is not None or quantizer.scale is None:
+        raise ConfigError(
+            f"quantizer '{quantizer.name}' has no calibrated per-tensor range to run as its "
+            "static per-input range; calibrate it first (per-channel activations have none)"
+        )
+    qmin, qmax = quantizer.integer_range
+    zero_point, scale = float(quantizer.zero_point), float(quantizer.scale)
+    return (qmin - zero_point) * scale, (qmax - zero_point) * scale
+
+
 def dynamic_range(rows: torch.Tensor, estimator: str, quantizer: Quantizer) -> SampleQPs:
-    """The per-sample ``[lo, hi]`` that ``estimator`` picks for each row (white paper §3.1)."""
+    """The per-sample ``[lo, hi]`` that ``estimator`` picks for each row (white paper §3.1);
+    ``STATIC_ESTIMATOR``: the calibrated range, the same for every row."""
+    if estimator == STATIC_ESTIMATOR:
+        low, high = static_range(quantizer)
+        lo = torch.full((rows.shape[0],), low, dtype=rows.dtype)
+        return SampleQPs(lo=lo.clamp(max=0), hi=torch.full_like(lo, high).clamp(min=0))
     name, argument = parse_estimator(estimator)
     if name == "percentile":
         lo, hi = row_percentile_range(rows, argument or 99.99)
@@ -212,6 +245,16 @@ class SampleQuantizer:
     def name(self) -> str:
         return self.quantizer.name
 
+    @property
+    def runs_static(self) -> bool:
+        """Whether ``dynamic`` mode runs this uniform layer on its calibrated grid as is
+        (``STATIC_ESTIMATOR`` without a range offset)."""
+        return (
+            self.scheme is Scheme.UNIFORM
+            and self.estimator == STATIC_ESTIMATOR
+            and self.range_offset == 0.0
+        )
+
     def exact_qps(self, rows: torch.Tensor) -> SampleQPs:
         """The dynamic QPs of each row."""
         if self.scheme is Scheme.DENSE_SPARSE:
@@ -228,6 +271,8 @@ class SampleQuantizer:
         return SampleQPs(lo=qps.lo * factor, hi=qps.hi * factor)  # type: ignore[operator]
 
     def _qps(self, rows: torch.Tensor) -> SampleQPs | None:
+        if self.mode is QPMode.DYNAMIC and self.runs_static and self.recorded is None:
+            return None  # exactly the static grid
         if self.mode is QPMode.DYNAMIC or self.recorded is not None:
             qps = self.exact_qps(rows)
             if self.recorded is not None:  # the regression targets: exact, without offset

@@ -10,8 +10,10 @@ from torch import nn
 from qpp.api import quantize
 from qpp.errors import ConfigError
 from qpp.predict import ActivationQPSettings, configure_activation_qps, load_activation_qps
+from qpp.predict.activation_qps import _choose_dynamic_mix
 from qpp.predict.estimator_choice import quantization_off, relative_output_error
 from qpp.predict.predictor import LinearQPPredictor
+from qpp.predict.qps import STATIC_ESTIMATOR, QPMode
 from qpp.predict.target_choice import (
     STATIC_FIT,
     TARGET_SWEEP_BATCHES,
@@ -19,6 +21,7 @@ from qpp.predict.target_choice import (
     refine_targets_per_layer,
     static_columns,
 )
+from qpp.quant.affine import choose_qparams
 from qpp.sim.config import QuantConfig
 
 
@@ -211,3 +214,78 @@ def test_static_layer_targets_save_and_load(tmp_path) -> None:  # type: ignore[n
     handle.detach()
     loaded = load_activation_qps(model, tmp_path, settings)
     assert loaded.layer_targets == handle.layer_targets
+
+
+def test_the_static_layer_estimator_runs_the_calibrated_grid_exactly() -> None:
+    """``dynamic`` mode with a layer on ``STATIC_ESTIMATOR`` gives the outputs of that layer
+    in static mode; its per-input QPs are the static grid's ends, which give back the grid's
+    scale and zero point; it costs no run-time reduction; a user cannot ask for it."""
+    model, handle, batches, _ = _predicted()
+    samplers = handle.samplers  # type: ignore[attr-defined]
+    name = list(samplers)[2]
+    sampler = samplers[name]
+    handle.set_mode("dynamic")  # type: ignore[attr-defined]
+    x = batches[1]
+    with torch.no_grad():
+        sampler.mode = QPMode.STATIC
+        expected = model(*x)  # type: ignore[operator]
+        dynamic_before = handle.overhead_flops(x)["dynamic"]  # type: ignore[attr-defined]
+        sampler.mode, sampler.estimator = QPMode.DYNAMIC, STATIC_ESTIMATOR
+        assert torch.equal(model(*x), expected)  # type: ignore[operator]
+        dynamic_after = handle.overhead_flops(x)["dynamic"]  # type: ignore[attr-defined]
+    quantizer = sampler.quantizer
+    qps = sampler.exact_qps(torch.randn(5, 64) * 100)
+    spec = quantizer.spec
+    scale, zero_point = choose_qparams(qps.lo, qps.hi, spec.bits, spec.symmetric, spec.is_signed)
+    torch.testing.assert_close(scale, quantizer.scale.expand(5), rtol=1e-6, atol=0)
+    torch.testing.assert_close(zero_point, quantizer.zero_point.expand(5))
+    assert 0 < dynamic_after < dynamic_before
+    with pytest.raises(ConfigError, match="not a per-input range"):
+        ActivationQPSettings(mode="dynamic", estimator=STATIC_ESTIMATOR)
+
+
+def test_dynamic_mode_keeps_the_static_layers_of_the_predictors_mix(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The predictors' mix that ``dynamic`` mode may run keeps a layer that predicted mode
+    runs on its static range static (the exact counterpart of predicted mode), and its
+    recorded error is that model's; a save with a static layer estimator reloads it."""
+    torch.manual_seed(0)
+    net = Deep().eval()
+    batches = _batches(4, 0)
+    model = quantize(net, batches, QuantConfig(activation_bits=4))
+    settings = ActivationQPSettings(mode="predicted", estimator="per-layer")
+    handle = configure_activation_qps(model, batches, settings)
+    first = next(iter(handle.layer_targets))
+    handle.layer_targets[first] = STATIC_FIT
+    _choose_dynamic_mix(handle, batches, _float_outputs(model, batches))
+    used = batches[:TARGET_SWEEP_BATCHES]
+    targets = {
+        n: STATIC_ESTIMATOR if t == STATIC_FIT else t for n, t in handle.layer_targets.items()
+    }
+    saved = {n: (s.mode, s.estimator, s.range_offset) for n, s in handle.samplers.items()}
+    for name, sampler in handle.samplers.items():
+        sampler.mode, sampler.range_offset = QPMode.DYNAMIC, 0.0
+        sampler.estimator = targets[name]
+    expected = relative_output_error(model, used, _float_outputs(model, used))
+    for name, (mode, estimator, offset) in saved.items():
+        sampler = handle.samplers[name]
+        sampler.mode, sampler.estimator, sampler.range_offset = mode, estimator, offset
+    assert handle.dynamic_mix_errors["targets"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    # Whatever mix won, a static layer estimator saves, reloads and is named in the label.
+    handle.layer_estimators[first] = STATIC_ESTIMATOR
+    handle.samplers[first].estimator = STATIC_ESTIMATOR
+    assert "static 1" in handle.dynamic_estimator_label
+    handle.set_mode("dynamic")
+    with torch.no_grad():
+        expected_dynamic = model(*batches[3])  # type: ignore[operator]
+    handle.save(tmp_path)
+    handle.detach()
+    loaded = load_activation_qps(model, tmp_path, settings)
+    assert loaded.layer_estimators[first] == STATIC_ESTIMATOR
+    loaded.set_mode("dynamic")
+    with torch.no_grad():
+        assert torch.equal(model(*batches[3]), expected_dynamic)  # type: ignore[operator]
+
+
+def _float_outputs(model: object, batches: list) -> list[list[torch.Tensor]]:
+    with quantization_off(model), torch.no_grad():  # type: ignore[arg-type]
+        return [[model(*b)] for b in batches]  # type: ignore[operator]
