@@ -11,7 +11,7 @@ from qpp.api import quantize
 from qpp.errors import ConfigError
 from qpp.predict import ActivationQPSettings, configure_activation_qps, load_activation_qps
 from qpp.predict.activation_qps import _choose_dynamic_mix
-from qpp.predict.estimator_choice import quantization_off, relative_output_error
+from qpp.predict.estimator_choice import mix_errors, quantization_off, relative_output_error
 from qpp.predict.predictor import LinearQPPredictor
 from qpp.predict.qps import STATIC_ESTIMATOR, QPMode
 from qpp.predict.target_choice import (
@@ -199,12 +199,7 @@ def test_a_layer_whose_prediction_is_spoiled_everywhere_takes_its_static_range()
 
 def test_static_layer_targets_save_and_load(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A run whose per-layer choice kept some layers static saves, loads and labels them."""
-    torch.manual_seed(0)
-    net = Deep().eval()
-    batches = _batches(4, 0)
-    model = quantize(net, batches, QuantConfig(activation_bits=4))
-    settings = ActivationQPSettings(mode="predicted", estimator="per-layer")
-    handle = configure_activation_qps(model, batches, settings)
+    model, _, settings, handle = _per_layer_predicted()
     assert handle.layer_targets
     first = next(iter(handle.layer_targets))
     handle.layer_targets[first] = STATIC_FIT
@@ -248,28 +243,17 @@ def test_dynamic_mode_keeps_the_static_layers_of_the_predictors_mix(tmp_path) ->
     """The predictors' mix that ``dynamic`` mode may run keeps a layer that predicted mode
     runs on its static range static (the exact counterpart of predicted mode), and its
     recorded error is that model's; a save with a static layer estimator reloads it."""
-    torch.manual_seed(0)
-    net = Deep().eval()
-    batches = _batches(4, 0)
-    model = quantize(net, batches, QuantConfig(activation_bits=4))
-    settings = ActivationQPSettings(mode="predicted", estimator="per-layer")
-    handle = configure_activation_qps(model, batches, settings)
+    model, batches, settings, handle = _per_layer_predicted()
     first = next(iter(handle.layer_targets))
     handle.layer_targets[first] = STATIC_FIT
-    _choose_dynamic_mix(handle, batches, _float_outputs(model, batches))
     used = batches[:TARGET_SWEEP_BATCHES]
     targets = {
         n: STATIC_ESTIMATOR if t == STATIC_FIT else t for n, t in handle.layer_targets.items()
     }
-    saved = {n: (s.mode, s.estimator, s.range_offset) for n, s in handle.samplers.items()}
-    for name, sampler in handle.samplers.items():
-        sampler.mode, sampler.range_offset = QPMode.DYNAMIC, 0.0
-        sampler.estimator = targets[name]
-    expected = relative_output_error(model, used, _float_outputs(model, used))
-    for name, (mode, estimator, offset) in saved.items():
-        sampler = handle.samplers[name]
-        sampler.mode, sampler.estimator, sampler.range_offset = mode, estimator, offset
-    assert handle.dynamic_mix_errors["targets"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    reference = _float_outputs(model, batches)
+    expected = mix_errors(model, handle.samplers, {"targets": targets}, used, reference)
+    _choose_dynamic_mix(handle, batches, reference)
+    assert handle.dynamic_mix_errors["targets"] == pytest.approx(expected["targets"], abs=1e-6)
     # Whatever mix won, a static layer estimator saves, reloads and is named in the label.
     handle.layer_estimators[first] = STATIC_ESTIMATOR
     handle.samplers[first].estimator = STATIC_ESTIMATOR
@@ -284,6 +268,16 @@ def test_dynamic_mode_keeps_the_static_layers_of_the_predictors_mix(tmp_path) ->
     loaded.set_mode("dynamic")
     with torch.no_grad():
         assert torch.equal(model(*batches[3]), expected_dynamic)  # type: ignore[operator]
+
+
+def _per_layer_predicted() -> tuple[object, list, ActivationQPSettings, object]:
+    """``Deep`` at W8A4 with ``per-layer`` predicted ranges: model, batches, settings, QPs."""
+    torch.manual_seed(0)
+    net = Deep().eval()
+    batches = _batches(4, 0)
+    model = quantize(net, batches, QuantConfig(activation_bits=4))
+    settings = ActivationQPSettings(mode="predicted", estimator="per-layer")
+    return model, batches, settings, configure_activation_qps(model, batches, settings)
 
 
 def _float_outputs(model: object, batches: list) -> list[list[torch.Tensor]]:
