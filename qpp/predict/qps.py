@@ -16,7 +16,7 @@ from functools import cache
 import torch
 
 from qpp.errors import ConfigError, DataError
-from qpp.quant.affine import choose_qparams, fake_quantize
+from qpp.quant.affine import choose_qparams, fake_quantize, grid_limits
 from qpp.quant.dense_sparse import (
     check_outlier_fraction,
     dense_sparse_fake_quantize,
@@ -172,9 +172,14 @@ def static_range(quantizer: Quantizer) -> tuple[float, float]:
             f"quantizer '{quantizer.name}' has no calibrated per-tensor range to run as its "
             "static per-input range; calibrate it first (per-channel activations have none)"
         )
-    qmin, qmax = quantizer.integer_range
-    zero_point, scale = float(quantizer.zero_point), float(quantizer.scale)
-    return (qmin - zero_point) * scale, (qmax - zero_point) * scale
+    spec = quantizer.spec
+    low, high = grid_limits(
+        quantizer.scale.double(),
+        quantizer.zero_point.double(),
+        spec.bits,
+        spec.is_signed,  # type: ignore[arg-type]
+    )
+    return float(low), float(high)
 
 
 def dynamic_range(rows: torch.Tensor, estimator: str, quantizer: Quantizer) -> SampleQPs:

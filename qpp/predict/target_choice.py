@@ -40,7 +40,14 @@ from qpp.predict.estimator_choice import (
     suffix_error,
 )
 from qpp.predict.predictor import LinearQPPredictor
-from qpp.predict.qps import QPMode, SampleQPs, SampleQuantizer, Scheme, predicted_slots
+from qpp.predict.qps import (
+    QPMode,
+    SampleQPs,
+    SampleQuantizer,
+    Scheme,
+    predicted_slots,
+    static_range,
+)
 from qpp.report.progress import progress
 from qpp.sim.model import QuantizedModel
 
@@ -104,10 +111,9 @@ def static_columns(
                 continue
             if quantizer.axis is not None:
                 continue  # a per-channel static grid has no single range; the column stays
-            qmin, qmax = quantizer.integer_range
-            zero_point, scale = quantizer.zero_point.double(), quantizer.scale.double()
-            end = (zero_point - qmin) * scale if kind == "lo" else (qmax - zero_point) * scale
-            predictor.weight[0, column] = math.log(max(float(end), RANGE_FLOOR))
+            low, high = static_range(quantizer)
+            end = -low if kind == "lo" else high
+            predictor.weight[0, column] = math.log(max(end, RANGE_FLOOR))
             predictor.weight[1:, column] = 0.0
     return static
 
