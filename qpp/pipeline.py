@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from torch.utils._pytree import tree_leaves
 
 from qpp.api import calibrate_and_correct, limit_samples, prepare, run
 from qpp.data import check_batches
+from qpp.graph.outputs import comparable_outputs, softmax_outputs
 from qpp.predict import (
     ActivationQPs,
     configure_activation_qps,
@@ -135,11 +137,18 @@ def evaluate_quantized(
     return metrics, seconds, layers, outputs
 
 
-def evaluation_output_error(outputs: Outputs, reference: Outputs) -> float:
+def evaluation_output_error(
+    outputs: Outputs, reference: Outputs, softmax: Sequence[bool] = ()
+) -> float:
     """``sum ||y_q - y||^2 / sum ||y||^2`` over every output and evaluation sample: how far
     the quantized model's outputs are from the float model's. A continuous counterpart of
-    the task metric, which at 8 bits often moves by single samples."""
-    leaves = [[t.double() for t in tree_leaves(o)] for o in (outputs, reference)]
+    the task metric, which at 8 bits often moves by single samples. The outputs flagged in
+    ``softmax`` (``qpp.graph.outputs.softmax_outputs``) compare as log-probabilities, as
+    the calibration-time choices compare them."""
+    leaves = [
+        comparable_outputs([t.double() for t in tree_leaves(o)], softmax)
+        for o in (outputs, reference)
+    ]
     return relative_error([leaves[0]], [leaves[1]])
 
 
@@ -191,6 +200,7 @@ def compare_modes(
     overhead = activation_qps.overhead_flops(batch)
     cost = {"static": 0, "predicted": overhead["predictor"], "dynamic": overhead["dynamic"]}
     target = activation_qps.settings.outlier_fraction
+    softmax = softmax_outputs(quantized.graph_module)
     comparison = ModeComparison({"model_flops": flops, "modes": {}}, {}, {})
     if activation_qps.target_estimator is not None:
         comparison.exact_label = f"exact QP ({activation_qps.target_label}, per input)"
@@ -203,7 +213,7 @@ def compare_modes(
         comparison.pairs.update(pairs)
         row: dict[str, Any] = {
             "metrics": metrics,
-            "output_error": round(evaluation_output_error(outputs, reference), 8),
+            "output_error": round(evaluation_output_error(outputs, reference, softmax), 8),
             "seconds": round(seconds, 3),
             "overhead_flops": cost[mode],
             "overhead_percent": round(100.0 * cost[mode] / max(1, flops), 4),

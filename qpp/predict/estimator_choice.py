@@ -20,9 +20,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from torch.fx import GraphModule
 from torch.utils._pytree import tree_leaves
 
 from qpp.errors import ConfigError
+from qpp.graph.outputs import comparable_outputs, softmax_outputs
 from qpp.graph.segments import CutValues, Segments
 from qpp.predict.qps import QPMode, SampleQuantizer, Scheme
 from qpp.report.progress import progress
@@ -56,11 +58,14 @@ class EstimatorChoice:
 
 
 def _outputs(model: QuantizedModel, batch: Batch) -> list[torch.Tensor]:
-    return _float_leaves(model(*batch))
+    return compared_leaves(model.graph_module, model(*batch))
 
 
-def _float_leaves(outputs: object) -> list[torch.Tensor]:
-    return [t.float() for t in tree_leaves(outputs) if isinstance(t, torch.Tensor)]
+def compared_leaves(graph_module: GraphModule, outputs: object) -> list[torch.Tensor]:
+    """The tensors of ``outputs`` (what ``graph_module`` returned) as the output error compares
+    them: as float, softmax probabilities as their log (``qpp.graph.outputs``)."""
+    leaves = [t.float() for t in tree_leaves(outputs) if isinstance(t, torch.Tensor)]
+    return comparable_outputs(leaves, softmax_outputs(graph_module))
 
 
 @contextmanager
@@ -81,7 +86,8 @@ def quantization_off(model: QuantizedModel) -> Iterator[None]:
 def relative_output_error(
     model: QuantizedModel, batches: Sequence[Batch], reference: Sequence[list[torch.Tensor]]
 ) -> float:
-    """``sum ||y_q - y||^2 / sum ||y||^2`` over every output of ``batches``."""
+    """``sum ||y_q - y||^2 / sum ||y||^2`` over every output of ``batches``, softmax outputs
+    as log-probabilities (``compared_leaves``)."""
     with torch.no_grad():
         return relative_error((_outputs(model, batch) for batch in batches), reference)
 
@@ -262,6 +268,6 @@ def suffix_error(
         for index, values in enumerate(crossing):
             if before is not None:
                 before(index)
-            yield _float_leaves(segments.outputs(values, cut))
+            yield compared_leaves(segments.graph_module, segments.outputs(values, cut))
 
     return relative_error(outputs(), reference)
