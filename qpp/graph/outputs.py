@@ -100,3 +100,10 @@ def comparable_outputs(
         leaf.clamp_min(PROBABILITY_FLOOR).log() if is_softmax else leaf
         for leaf, is_softmax in zip(leaves, softmax, strict=True)
     ]
+
+
+def compared_leaves(graph_module: GraphModule, outputs: object) -> list[torch.Tensor]:
+    """The tensors of ``outputs`` (what ``graph_module`` returned) as an output error compares
+    them: as float, softmax probabilities as their log (module docstring)."""
+    leaves = [t.float() for t in tree_leaves(outputs) if isinstance(t, torch.Tensor)]
+    return comparable_outputs(leaves, softmax_outputs(graph_module))

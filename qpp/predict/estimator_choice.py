@@ -20,11 +20,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from torch.fx import GraphModule
-from torch.utils._pytree import tree_leaves
 
 from qpp.errors import ConfigError
-from qpp.graph.outputs import comparable_outputs, softmax_outputs
+from qpp.graph.outputs import compared_leaves
 from qpp.graph.segments import CutValues, Segments
 from qpp.predict.qps import QPMode, SampleQuantizer, Scheme
 from qpp.report.progress import progress
@@ -59,13 +57,6 @@ class EstimatorChoice:
 
 def _outputs(model: QuantizedModel, batch: Batch) -> list[torch.Tensor]:
     return compared_leaves(model.graph_module, model(*batch))
-
-
-def compared_leaves(graph_module: GraphModule, outputs: object) -> list[torch.Tensor]:
-    """The tensors of ``outputs`` (what ``graph_module`` returned) as the output error compares
-    them: as float, softmax probabilities as their log (``qpp.graph.outputs``)."""
-    leaves = [t.float() for t in tree_leaves(outputs) if isinstance(t, torch.Tensor)]
-    return comparable_outputs(leaves, softmax_outputs(graph_module))
 
 
 @contextmanager

@@ -11,7 +11,8 @@ On a calibrated ``QuantizedModel`` and a few samples:
    each quantizer sees, with its grid limits (for range histograms).
 
 Sensitivity is the SQNR (dB) of the model's output against the float model's output on the
-same samples: continuous, so a handful of samples suffices, and it applies to any model.
+same samples: continuous, so a handful of samples suffices, and it applies to any model
+(softmax outputs compare as log-probabilities, ``qpp.graph.outputs``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qpp.graph.outputs import compared_leaves
 from qpp.ptq.activations import Batch
 from qpp.quant.affine import grid_limits
 from qpp.report.progress import progress
@@ -79,15 +81,17 @@ def sqnr_db(signal: torch.Tensor, quantized: torch.Tensor) -> float:
     return 10 * math.log10(max(power, 1e-30) / noise)
 
 
-def _flat_outputs(outputs: object) -> torch.Tensor:
-    if isinstance(outputs, torch.Tensor):
-        return outputs.reshape(-1)
-    return torch.cat([o.reshape(-1) for o in outputs])  # type: ignore[union-attr]
-
-
 def model_outputs(qmodel: QuantizedModel, data: Sequence[Batch]) -> torch.Tensor:
+    """Every output value of ``qmodel`` on ``data``, flat, softmax probabilities as their log
+    (``qpp.graph.outputs``: a saturated probability hides the margin errors of its input)."""
     with torch.no_grad():
-        return torch.cat([_flat_outputs(qmodel(*batch)) for batch in data])
+        return torch.cat(
+            [
+                leaf.reshape(-1)
+                for batch in data
+                for leaf in compared_leaves(qmodel.graph_module, qmodel(*batch))
+            ]
+        )
 
 
 @contextmanager

@@ -11,6 +11,7 @@ from qpp.graph.outputs import PROBABILITY_FLOOR, comparable_outputs, softmax_out
 from qpp.graph.segments import Segments
 from qpp.pipeline import evaluation_output_error
 from qpp.predict.estimator_choice import quantization_off, relative_output_error, suffix_error
+from qpp.ptq.debug import model_outputs
 from qpp.sim.config import QuantConfig
 
 
@@ -98,3 +99,18 @@ def test_the_output_error_of_a_softmax_model_is_its_log_probability_error() -> N
         torch.cat(probabilities), torch.cat(float_probabilities), flags
     )
     assert evaluated == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_debugging_flow_compares_log_probabilities() -> None:
+    torch.manual_seed(0)
+    batches = _batches(2)
+    model = quantize(Classifier("both").eval(), batches, QuantConfig(activation_bits=8))
+    with torch.no_grad():
+        expected = torch.cat(
+            [
+                t.reshape(-1)
+                for batch in batches
+                for t in (model(*batch)[0].clamp_min(PROBABILITY_FLOOR).log(), model(*batch)[1])
+            ]
+        )
+    assert torch.allclose(model_outputs(model, batches), expected)
