@@ -202,6 +202,7 @@ def compare_modes(
     target = activation_qps.settings.outlier_fraction
     softmax = softmax_outputs(quantized.graph_module)
     comparison = ModeComparison({"model_flops": flops, "modes": {}}, {}, {})
+    comparison.rows["output_error_on"] = "log-probabilities" if any(softmax) else "outputs"
     if activation_qps.target_estimator is not None:
         comparison.exact_label = f"exact QP ({activation_qps.target_label}, per input)"
     for mode in ("static", "predicted", "dynamic"):

@@ -65,6 +65,8 @@ def compare_table(compare: dict[str, Any], primary_metric: str) -> Table:
             f"{row['overhead_percent']:.4f}",
             f"{row['seconds']:.1f}",
         )
+    if compare.get("output_error_on") == "log-probabilities":
+        table.caption = "output error on log-probabilities (the model ends in a softmax)"
     return table
 
 

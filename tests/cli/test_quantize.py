@@ -255,6 +255,7 @@ def test_predicted_dense_sparse_with_compare(qpp, user_classifier, tmp_path: Pat
     data = json.loads(result.stdout)
     modes = data["compare"]["modes"]
     assert list(modes) == ["static", "predicted", "dynamic"]
+    assert data["compare"]["output_error_on"] == "outputs"  # logits, not probabilities
     for row in modes.values():
         assert set(row["metrics"]) == {"top1", "output_cosine"}
         assert 0.0 <= row["outlier_density"]["mean"] <= 1.0

@@ -12,6 +12,7 @@ from qpp.graph.segments import Segments
 from qpp.pipeline import evaluation_output_error
 from qpp.predict.estimator_choice import quantization_off, relative_output_error, suffix_error
 from qpp.ptq.debug import model_outputs
+from qpp.report.tables import compare_table
 from qpp.sim.config import QuantConfig
 
 
@@ -114,3 +115,10 @@ def test_the_debugging_flow_compares_log_probabilities() -> None:
             ]
         )
     assert torch.allclose(model_outputs(model, batches), expected)
+
+
+def test_the_compare_table_says_when_it_compares_log_probabilities() -> None:
+    row = {"metrics": {"top1": 90.0}, "output_error": 0.01, "overhead_percent": 0.0, "seconds": 1}
+    compare = {"modes": {"static": row}, "output_error_on": "log-probabilities"}
+    assert "log-probabilities" in str(compare_table(compare, "top1").caption)
+    assert compare_table({**compare, "output_error_on": "outputs"}, "top1").caption is None
