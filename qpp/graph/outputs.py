@@ -76,7 +76,7 @@ def _passes_through(graph_module: GraphModule, node: Node) -> bool:
 def softmax_outputs(graph_module: GraphModule) -> tuple[bool, ...]:
     """For each tensor leaf of what ``graph_module`` returns, in ``tree_leaves`` order, whether
     it is a softmax's result (through copies, reshapes, identities and quantizers)."""
-    output = next(node for node in graph_module.graph.nodes if node.op == "output")
+    output = graph_module.graph.output_node()  # the last node: no scan of the graph
     flags = []
     for leaf in tree_leaves(output.args[0]):
         if not isinstance(leaf, Node):
